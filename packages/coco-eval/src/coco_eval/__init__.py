@@ -1,0 +1,1 @@
+"""COCO box/mask AP, panoptic PQ and semantic mIoU."""

@@ -1,0 +1,1 @@
+"""Reusable DETR-family building blocks."""
