@@ -1,0 +1,160 @@
+"""Two-stage query selection (Deformable DETR two-stage, DINO "mixed query selection")."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .encoder import shapes_as_list
+
+__all__ = [
+    "QuerySelection",
+    "QuerySelectionHead",
+    "encoder_output_proposals",
+    "gather_tokens",
+    "select_top_k",
+]
+
+
+def encoder_output_proposals(
+    memory: Tensor,
+    padding_mask: Tensor | None,
+    spatial_shapes: Tensor | Sequence[Sequence[int]],
+    base_scale: float = 0.05,
+) -> tuple[Tensor, Tensor]:
+    """One anchor box per encoder token.
+
+    The token at (row ``i``, column ``j``) of level ``l`` gets the box ``((j + 0.5) / W_valid, (i + 0.5) / H_valid,
+    s, s)`` with ``s = base_scale * 2**l``, where ``W_valid``/``H_valid`` count the unpadded columns/rows of that
+    image's level. A proposal is valid iff all four coordinates lie in ``(0.01, 0.99)``; invalid or padded tokens get
+    proposal ``+inf`` (so ``sigmoid`` of anything added to it is 1) and zeroed memory.
+
+    Args:
+        memory: ``(B, S, C)`` encoder output.
+        padding_mask: ``(B, S)`` bool True=pad, or None (no padding).
+        spatial_shapes: ``(L, 2)`` ``(H, W)`` per level, in the memory's level order.
+        base_scale: anchor size at level 0.
+
+    Returns:
+        ``(memory_masked (B, S, C), proposals_unsigmoid (B, S, 4))`` (proposals in logit space).
+    """
+    b = memory.shape[0]
+    device = memory.device
+    proposals = []
+    start = 0
+    for lvl, (h, w) in enumerate(shapes_as_list(spatial_shapes)):
+        if padding_mask is not None:
+            pad = padding_mask[:, start : start + h * w].view(b, h, w)
+            valid_h = (~pad[:, :, 0]).sum(1).to(torch.float32)
+            valid_w = (~pad[:, 0, :]).sum(1).to(torch.float32)
+        else:
+            valid_h = torch.full((b,), float(h), device=device)
+            valid_w = torch.full((b,), float(w), device=device)
+        grid_y, grid_x = torch.meshgrid(
+            torch.arange(h, dtype=torch.float32, device=device),
+            torch.arange(w, dtype=torch.float32, device=device),
+            indexing="ij",
+        )
+        grid = torch.stack([grid_x, grid_y], -1)  # (H, W, 2)
+        scale = torch.stack([valid_w, valid_h], -1).view(b, 1, 1, 2)
+        centres = (grid[None] + 0.5) / scale  # (B, H, W, 2)
+        wh = torch.full_like(centres, base_scale * (2.0**lvl))
+        proposals.append(torch.cat([centres, wh], -1).view(b, h * w, 4))
+        start += h * w
+    output_proposals = torch.cat(proposals, 1)
+    valid = ((output_proposals > 0.01) & (output_proposals < 0.99)).all(-1, keepdim=True)
+    output_proposals = torch.log(output_proposals / (1 - output_proposals))
+    invalid = ~valid
+    if padding_mask is not None:
+        invalid = invalid | padding_mask[..., None]
+    output_proposals = output_proposals.masked_fill(invalid, float("inf"))
+    memory_masked = memory.masked_fill(invalid, 0.0)
+    return memory_masked, output_proposals
+
+
+def select_top_k(scores: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` highest scores per image.
+
+    Args:
+        scores: ``(B, S)`` e.g. the max class logit per token.
+        k: number to keep (``<= S``).
+
+    Returns:
+        ``(B, k)`` int64, sorted by decreasing score.
+    """
+    if k > scores.shape[1]:
+        raise ValueError(f"cannot select {k} of {scores.shape[1]} tokens")
+    return torch.topk(scores, k, dim=1).indices
+
+
+def gather_tokens(x: Tensor, indices: Tensor) -> Tensor:
+    """Pick tokens per image: ``x (B, S, ...)``, ``indices (B, k)`` int64 -> ``(B, k, ...)``."""
+    idx = indices.view(*indices.shape, *([1] * (x.dim() - 2))).expand(*indices.shape, *x.shape[2:])
+    return torch.gather(x, 1, idx)
+
+
+@dataclass
+class QuerySelection:
+    """Result of ``QuerySelectionHead``.
+
+    Attributes:
+        indices: ``(B, k)`` selected token indices.
+        content: ``(B, k, C)`` selected projected memory (NOT detached; detach it for the decoder's input as DINO).
+        boxes_unsigmoid: ``(B, k, 4)`` selected ``bbox_embed(output_memory) + proposals`` (not detached).
+        logits: ``(B, k, num_classes)`` class logits of the selected tokens.
+        output_memory: ``(B, S, C)`` projected memory of all tokens.
+    """
+
+    indices: Tensor
+    content: Tensor
+    boxes_unsigmoid: Tensor
+    logits: Tensor
+    output_memory: Tensor
+
+
+class QuerySelectionHead(nn.Module):
+    """``output_memory = enc_output_norm(enc_output(memory_masked))``; class logits and box deltas come from heads
+    passed in (in DINO / Mask DINO the decoder's own ``class_embed`` and ``bbox_embed``); the top ``k`` tokens by max
+    class logit become the queries.
+
+    Submodules ``enc_output`` (Linear C->C) and ``enc_output_norm`` (LayerNorm) as in the official code.
+    """
+
+    def __init__(self, d_model: int = 256, base_scale: float = 0.05):
+        super().__init__()
+        self.enc_output = nn.Linear(d_model, d_model)
+        self.enc_output_norm = nn.LayerNorm(d_model)
+        self.base_scale = base_scale
+
+    def forward(
+        self,
+        memory: Tensor,
+        padding_mask: Tensor | None,
+        spatial_shapes: Tensor,
+        class_embed: nn.Module,
+        bbox_embed: nn.Module,
+        k: int,
+    ) -> QuerySelection:
+        """
+        Args:
+            memory: ``(B, S, C)``. padding_mask: ``(B, S)`` bool or None. spatial_shapes: ``(L, 2)``.
+            class_embed: ``(..., C) -> (..., num_classes)``. bbox_embed: ``(..., C) -> (..., 4)``.
+            k: number of queries.
+        """
+        memory_masked, proposals = encoder_output_proposals(
+            memory, padding_mask, spatial_shapes, self.base_scale
+        )
+        output_memory = self.enc_output_norm(self.enc_output(memory_masked))
+        logits_all = class_embed(output_memory)
+        boxes_all = bbox_embed(output_memory) + proposals
+        indices = select_top_k(logits_all.max(-1).values, k)
+        return QuerySelection(
+            indices=indices,
+            content=gather_tokens(output_memory, indices),
+            boxes_unsigmoid=gather_tokens(boxes_all, indices),
+            logits=gather_tokens(logits_all, indices),
+            output_memory=output_memory,
+        )
