@@ -159,3 +159,14 @@ def test_indices_and_split():
     d, m = split_denoising_outputs(x, dn.meta)
     assert torch.equal(d, x[:, :6]) and torch.equal(m, x[:, 6:])
     assert split_denoising_outputs(x, None)[0] is None
+
+
+def test_split_denoising_level_splits_every_tensor_and_keeps_none():
+    from detr_core.denoising import DenoisingMeta, split_denoising_level
+
+    meta = DenoisingMeta(pad_size=4, num_groups=2, single_pad=2)
+    level = {"pred_logits": torch.randn(2, 7, 3), "pred_boxes": torch.rand(2, 7, 4), "pred_masks": None}
+    dn, match = split_denoising_level(level, meta)
+    assert set(dn) == set(match) == set(level) and dn["pred_masks"] is None and match["pred_masks"] is None
+    assert torch.equal(dn["pred_logits"], level["pred_logits"][:, :4])
+    assert torch.equal(match["pred_boxes"], level["pred_boxes"][:, 4:])

@@ -6,7 +6,7 @@ from torch import nn
 
 from detr_core import box_ops
 from detr_core.decoder import DeformableDecoder, DeformableDecoderLayer, look_forward_twice
-from detr_core.encoder import DeformableEncoder, DeformableEncoderLayer, level_start_index
+from detr_core.encoder import DeformableEncoder, DeformableEncoderLayer, flatten_levels, level_start_index
 from detr_core.layers import MLP
 from detr_core.position_encoding import sine_embedding
 
@@ -228,3 +228,108 @@ def test_decoder_and_denoising_run_on_cuda():
         self_attn_mask=dn.attn_mask,
     )
     assert boxes[-1].device.type == "cuda"
+
+
+def test_encoder_shapes_as_python_ints_match_the_tensor_path():
+    torch.manual_seed(0)
+    enc = DeformableEncoder(num_layers=2, **_kw()).eval()
+    src, pos = torch.randn(2, S, C), torch.randn(2, S, C)
+    ratios = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[0.5, 0.75], [0.5, 1.0]]])
+    with torch.no_grad():
+        ref = enc(src, SHAPES, START, ratios, pos=pos)
+        out = enc(src, SHAPES, START, ratios, pos=pos, spatial_shapes_list=[(4, 4), (2, 2)])
+    assert torch.equal(out, ref)
+
+
+def test_encoder_exports_with_shapes_as_python_ints():
+    torch.manual_seed(0)
+    enc = DeformableEncoder(num_layers=2, **_kw()).eval()
+
+    class Graph(nn.Module):
+        # the level shapes are static (Python ints), the features and valid ratios are graph inputs
+        def __init__(self):
+            super().__init__()
+            self.enc = enc
+
+        def forward(self, src, pos, ratios):
+            shapes = [(4, 4), (2, 2)]
+            spatial = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
+            return self.enc(src, spatial, level_start_index(spatial), ratios, pos, None, shapes)
+
+    src, pos = torch.randn(2, S, C), torch.randn(2, S, C)
+    ratios = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[0.5, 0.75], [0.5, 1.0]]])
+    with torch.no_grad():
+        ep = torch.export.export(Graph(), (src, pos, ratios))
+        other = torch.rand(2, LEVELS, 2) * 0.5 + 0.5
+        assert torch.allclose(ep.module()(src, pos, ratios), enc(src, SHAPES, START, ratios, pos), atol=1e-5)
+        assert torch.allclose(ep.module()(src, pos, other), enc(src, SHAPES, START, other, pos), atol=1e-5)
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+def test_decoder_query_pos_source(scaled):
+    torch.manual_seed(0)
+    dec = DeformableDecoder(2, **_kw(), query_pos_from_scaled_reference=scaled).eval()
+    dec.bbox_embed = MLP(C, C, 4, 2)
+    assert dec.query_pos_from_scaled_reference is scaled
+    b, q = 2, 5
+    tgt, memory, ref_unsig = torch.randn(b, q, C), torch.randn(b, S, C), torch.randn(b, q, 4)
+    ratios = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[0.5, 0.75], [0.5, 1.0]]])
+    seen = []
+    handle = dec.ref_point_head.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with torch.no_grad():
+        inter, refs = dec(tgt, memory, ref_unsig, SHAPES, START, ratios)
+    handle.remove()
+    r4 = torch.cat([ratios, ratios], -1)[:, None]
+    for i in range(2):
+        box = refs[i][:, :, None] * r4 if scaled else refs[i][:, :, None]
+        assert torch.allclose(seen[i], sine_embedding(box[:, :, 0], C // 2), atol=1e-6)
+    # without padding (all ratios 1) both settings are the same model
+    other = DeformableDecoder(2, **_kw(), query_pos_from_scaled_reference=not scaled).eval()
+    other.bbox_embed = dec.bbox_embed
+    other.load_state_dict(dec.state_dict())
+    ones = torch.ones(b, LEVELS, 2)
+    with torch.no_grad():
+        a = dec(tgt, memory, ref_unsig, SHAPES, START, ones)
+        c = other(tgt, memory, ref_unsig, SHAPES, START, ones)
+        assert all(torch.equal(x, y) for x, y in zip(a[0] + a[1], c[0] + c[1]))
+        # with padding they differ: the flag really switches the source
+        d = other(tgt, memory, ref_unsig, SHAPES, START, ratios)
+    assert not torch.allclose(inter[-1], d[0][-1])
+
+
+def test_flatten_levels_layout_and_padding():
+    torch.manual_seed(0)
+    maps = [torch.randn(2, C, 4, 6), torch.randn(2, C, 2, 3)]
+    flat = flatten_levels(maps)
+    assert flat.shapes == [(4, 6), (2, 3)] and flat.padding_mask is None
+    assert flat.spatial_shapes.tolist() == [[4, 6], [2, 3]] and flat.level_start_index.tolist() == [0, 24]
+    assert torch.equal(flat.valid_ratios, torch.ones(2, 2, 2))
+    # token (level 1, row 1, col 2) of image 1
+    assert torch.equal(flat.tokens[1, 24 + 1 * 3 + 2], maps[1][1, :, 1, 2])
+    pads = [torch.zeros(2, 4, 6, dtype=torch.bool), torch.zeros(2, 2, 3, dtype=torch.bool)]
+    pads[0][1, :, 3:] = True  # image 1: 3 of 6 columns valid at level 0
+    pads[1][1, 1:, :] = True  # image 1: 1 of 2 rows valid at level 1
+    flat = flatten_levels(maps, pads)
+    assert flat.padding_mask.shape == (2, 30) and flat.padding_mask[1, 24 + 3].item()
+    assert torch.equal(flat.valid_ratios[1], torch.tensor([[0.5, 1.0], [1.0, 0.5]]))
+    assert flatten_levels(maps, [None, None]).padding_mask is None
+    with pytest.raises(ValueError):
+        flatten_levels(maps, [pads[0], None])
+
+
+def test_xavier_init_deformable_keeps_the_attention_init():
+    from deform_attn import MSDeformAttn
+    from detr_core.layers import xavier_init_deformable_
+
+    torch.manual_seed(0)
+    enc = DeformableEncoder(num_layers=1, **_kw())
+    xavier_init_deformable_(enc)
+    attn = enc.layers[0].self_attn
+    fresh = MSDeformAttn(C, LEVELS, HEADS, 2)
+    # the sampling offsets keep MSDeformAttn's own grid init (zero weight, fixed bias), not xavier
+    assert torch.equal(attn.sampling_offsets.weight, torch.zeros_like(attn.sampling_offsets.weight))
+    assert torch.equal(attn.sampling_offsets.bias, fresh.sampling_offsets.bias)
+    bound = (6 / (C + 32)) ** 0.5
+    w = enc.layers[0].linear1.weight
+    assert w.abs().max() <= bound and w.abs().max() > 0.5 * bound
+    assert isinstance(attn, MSDeformAttn)

@@ -226,3 +226,31 @@ def test_point_mask_loss_matches_manual_sampling():
         {"pred_masks": pred}, targets, [(torch.zeros(0, dtype=torch.long),) * 2] * 2, 1.0
     )
     assert empty["loss_mask"].item() == 0.0
+
+
+def test_point_sample_keeps_float32_points_with_half_logits():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 1, 32, 32).bfloat16()
+    coords = torch.rand(2, 50, 2)
+    out = point_sample(logits, coords)
+    # sampled at the float32 points, not at points rounded to bfloat16
+    assert out.dtype == torch.float32
+    assert torch.equal(out, point_sample(logits.float(), coords))
+    assert not torch.equal(out, point_sample(logits.float(), coords.bfloat16().float()))
+
+
+def test_point_mask_loss_half_predictions_match_float32():
+    from detr_core.losses import PointMaskLoss
+
+    torch.manual_seed(0)
+    pred = torch.randn(1, 3, 16, 16).bfloat16()
+    targets = [{"masks": torch.rand(2, 32, 32) > 0.5}]
+    indices = [(torch.tensor([2, 0]), torch.tensor([0, 1]))]
+
+    def run(p):
+        fn = PointMaskLoss(num_points=64, generator=torch.Generator().manual_seed(2))
+        return fn({"pred_masks": p}, targets, indices, 2.0)
+
+    half, full = run(pred), run(pred.float())
+    for k in ("loss_mask", "loss_dice"):
+        assert half[k].dtype == torch.float32 and torch.equal(half[k], full[k])

@@ -155,3 +155,27 @@ def test_point_mask_cost_against_pairwise_losses():
             t = point_sample(tgt[j].float()[None, None], coords).view(1, 50)
             expected = 5 * sigmoid_ce_loss(p, t, 1.0) + 5 * dice_loss(p, t, 1.0)
             assert math.isclose(c[i, j].item(), expected.item(), rel_tol=1e-4)
+
+
+def test_point_mask_cost_is_float32_under_autocast_and_skipped_at_zero_weight():
+    from detr_core.matcher import PointMaskCost
+
+    torch.manual_seed(0)
+    pred = torch.randn(3, 8, 8)
+    tgt = torch.rand(2, 16, 16) > 0.5
+    ref = PointMaskCost(2.0, 3.0, num_points=64, generator=torch.Generator().manual_seed(1))(
+        {"pred_masks": pred.bfloat16().float()}, {"masks": tgt}
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        c = PointMaskCost(2.0, 3.0, num_points=64, generator=torch.Generator().manual_seed(1))(
+            {"pred_masks": pred.bfloat16()}, {"masks": tgt}
+        )
+    assert c.dtype == torch.float32 and torch.equal(c, ref)
+    # both weights 0: weight 0, so HungarianMatcher skips the term (and draws no random points)
+    assert PointMaskCost(0.0, 0.0).weight == 0.0 and PointMaskCost(0.0, 1.0).weight == 1.0
+    matcher = HungarianMatcher([PointMaskCost(0.0, 0.0), BoxL1Cost(1.0)])
+    out = {"pred_logits": torch.zeros(1, 3, 2), "pred_boxes": torch.rand(1, 3, 4), "pred_masks": pred[None]}
+    target = {"labels": torch.tensor([0, 1]), "boxes": torch.rand(2, 4), "masks": tgt}
+    state = torch.get_rng_state()
+    matcher(out, [target])
+    assert torch.equal(torch.get_rng_state(), state)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from deform_attn import MSDeformAttn
 
 from .box_ops import inverse_sigmoid
-from .layers import MLP, clone_modules, get_activation_fn
+from .layers import MLP, clone_modules, get_activation_fn, post_norm_ffn
 from .position_encoding import sine_embedding
 
 __all__ = ["DeformableDecoder", "DeformableDecoderLayer", "look_forward_twice"]
@@ -80,8 +80,9 @@ class DeformableDecoderLayer(nn.Module):
             query, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask
         )
         tgt = self.norm1(tgt + self.dropout1(tgt2))
-        tgt2 = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
-        return self.norm3(tgt + self.dropout4(tgt2))
+        return post_norm_ffn(
+            tgt, self.linear1, self.activation, self.dropout3, self.linear2, self.dropout4, self.norm3
+        )
 
 
 def _layer_bbox_embed(bbox_embed: nn.Module, i: int) -> nn.Module:
@@ -95,7 +96,10 @@ class DeformableDecoder(nn.Module):
     Per layer ``i`` (``ref`` = current sigmoid boxes ``(B, Q, 4)``, detached after the first refinement):
 
     - ``ref_input = ref[:, :, None] * cat([valid_ratios, valid_ratios], -1)[:, None]`` -> ``(B, Q, L, 4)``;
-    - ``query_pos = ref_point_head(sine_embedding(ref_input[:, :, 0], d_model // 2))``;
+    - ``query_pos = ref_point_head(sine_embedding(ref_input[:, :, 0], d_model // 2))`` (DINO), or with
+      ``query_pos_from_scaled_reference=False`` ``ref_point_head(sine_embedding(ref, d_model // 2))``: the box
+      itself, not scaled by level 0's valid ratios, so that under padding the query position does not depend on
+      how much padding the batch has (identical without padding);
     - ``out = layers[i](out, query_pos, ref_input, memory, ...)``;
     - if ``bbox_embed`` is set: ``new = sigmoid(bbox_embed(out) + inverse_sigmoid(ref))`` on the UN-normed output,
       ``references.append(new)`` (undetached), ``ref = new.detach()``; otherwise ``ref`` is kept;
@@ -116,6 +120,7 @@ class DeformableDecoder(nn.Module):
         n_levels: int = 4,
         n_heads: int = 8,
         n_points: int = 4,
+        query_pos_from_scaled_reference: bool = True,
     ):
         super().__init__()
         if d_model % 2:
@@ -127,6 +132,7 @@ class DeformableDecoder(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.bbox_embed: nn.Module | None = None
+        self.query_pos_from_scaled_reference = query_pos_from_scaled_reference
 
     def forward(
         self,
@@ -159,7 +165,12 @@ class DeformableDecoder(nn.Module):
         ratios4 = torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # (B, 1, L, 4)
         for i, layer in enumerate(self.layers):
             reference_points_input = reference_points[:, :, None] * ratios4  # (B, Q, L, 4)
-            query_sine_embed = sine_embedding(reference_points_input[:, :, 0, :], self.d_model // 2)
+            pos_source = (
+                reference_points_input[:, :, 0, :]
+                if self.query_pos_from_scaled_reference
+                else reference_points
+            )
+            query_sine_embed = sine_embedding(pos_source, self.d_model // 2)
             query_pos = self.ref_point_head(query_sine_embed)
             output = layer(
                 output,

@@ -7,15 +7,24 @@ Token layout: the ``L`` feature levels are flattened row-major and concatenated,
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from deform_attn import MSDeformAttn
 
-from .layers import clone_modules, get_activation_fn
+from .box_ops import valid_ratios as mask_valid_ratios
+from .layers import clone_modules, get_activation_fn, post_norm_ffn
 
-__all__ = ["DeformableEncoder", "DeformableEncoderLayer", "level_start_index", "shapes_as_list"]
+__all__ = [
+    "DeformableEncoder",
+    "DeformableEncoderLayer",
+    "FlatLevels",
+    "flatten_levels",
+    "level_start_index",
+    "shapes_as_list",
+]
 
 
 def shapes_as_list(spatial_shapes: Tensor | Sequence[Sequence[int]]) -> list[tuple[int, int]]:
@@ -29,6 +38,57 @@ def level_start_index(spatial_shapes: Tensor) -> Tensor:
     """``(L, 2)`` int64 ``(H, W)`` -> ``(L,)`` int64 start offset of each level in the flattened tokens."""
     areas = spatial_shapes[:, 0] * spatial_shapes[:, 1]
     return torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+
+
+@dataclass
+class FlatLevels:
+    """``L`` feature maps flattened into one token sequence (see :func:`flatten_levels`).
+
+    Attributes:
+        tokens: ``(B, S, C)``. padding_mask: ``(B, S)`` bool True=pad, or None.
+        spatial_shapes: ``(L, 2)`` int64 ``(H, W)``. level_start_index: ``(L,)`` int64.
+        valid_ratios: ``(B, L, 2)`` ``(w_ratio, h_ratio)`` (ones without padding masks).
+        shapes: the same ``(H, W)`` as Python ints (static under ``torch.export``).
+    """
+
+    tokens: Tensor
+    padding_mask: Tensor | None
+    spatial_shapes: Tensor
+    level_start_index: Tensor
+    valid_ratios: Tensor
+    shapes: list[tuple[int, int]]
+
+
+def flatten_levels(maps: Sequence[Tensor], masks: Sequence[Tensor | None] | None = None) -> FlatLevels:
+    """Flatten multi-level maps row-major and concatenate them in the given order (Deformable DETR's input layout).
+
+    The shapes and start offsets are built from the maps' static sizes, not read back from tensors, so the result
+    traces and exports without data-dependent values.
+
+    Args:
+        maps: ``L`` maps ``(B, C, H_l, W_l)``.
+        masks: ``L`` padding masks ``(B, H_l, W_l)`` bool True=pad, or None (also when every entry is None).
+
+    Returns:
+        :class:`FlatLevels`.
+    """
+    if masks is not None and all(m is None for m in masks):
+        masks = None
+    if masks is not None and (len(masks) != len(maps) or any(m is None for m in masks)):
+        raise ValueError("masks must be None or one padding mask per level")
+    shapes = [(int(x.shape[-2]), int(x.shape[-1])) for x in maps]
+    tokens = torch.cat([x.flatten(2).transpose(1, 2) for x in maps], 1)
+    device = tokens.device
+    areas = [h * w for h, w in shapes]
+    spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
+    starts = torch.as_tensor([sum(areas[:i]) for i in range(len(areas))], dtype=torch.long, device=device)
+    if masks is None:
+        padding_mask = None
+        ratios = tokens.new_ones(tokens.shape[0], len(maps), 2)
+    else:
+        padding_mask = torch.cat([m.flatten(1) for m in masks], 1)
+        ratios = torch.stack([mask_valid_ratios(m) for m in masks], 1)
+    return FlatLevels(tokens, padding_mask, spatial_shapes, starts, ratios, shapes)
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -83,8 +143,9 @@ class DeformableEncoderLayer(nn.Module):
         query = src if pos is None else src + pos
         src2 = self.self_attn(query, reference_points, src, spatial_shapes, level_start_index, padding_mask)
         src = self.norm1(src + self.dropout1(src2))
-        src2 = self.linear2(self.dropout2(self.activation(self.linear1(src))))
-        return self.norm2(src + self.dropout3(src2))
+        return post_norm_ffn(
+            src, self.linear1, self.activation, self.dropout2, self.linear2, self.dropout3, self.norm2
+        )
 
 
 class DeformableEncoder(nn.Module):
@@ -152,17 +213,22 @@ class DeformableEncoder(nn.Module):
         valid_ratios: Tensor,
         pos: Tensor | None = None,
         padding_mask: Tensor | None = None,
+        spatial_shapes_list: Sequence[tuple[int, int]] | None = None,
     ) -> Tensor:
         """
         Args:
             src: ``(B, S, C)`` flattened multi-level features. spatial_shapes: ``(L, 2)`` int64.
             level_start_index: ``(L,)`` int64. valid_ratios: ``(B, L, 2)``.
             pos: ``(B, S, C)`` or None. padding_mask: ``(B, S)`` bool True=pad, or None.
+            spatial_shapes_list: the same ``(H, W)`` per level as Python ints, or None. When given, the reference
+                points are built from it instead of reading ``spatial_shapes`` back with ``.tolist()``: under
+                ``torch.export`` that read is data-dependent and fails, while Python ints are static.
 
         Returns:
             ``(B, S, C)`` memory.
         """
-        reference_points = self.get_reference_points(spatial_shapes, valid_ratios, device=src.device)
+        shapes = spatial_shapes if spatial_shapes_list is None else spatial_shapes_list
+        reference_points = self.get_reference_points(shapes, valid_ratios, device=src.device)
         output = src
         for layer in self.layers:
             output = layer(output, pos, reference_points, spatial_shapes, level_start_index, padding_mask)

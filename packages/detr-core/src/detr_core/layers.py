@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MLP", "clone_modules", "get_activation_fn"]
+from deform_attn import MSDeformAttn
+
+__all__ = ["MLP", "clone_modules", "get_activation_fn", "post_norm_ffn", "xavier_init_deformable_"]
 
 
 class MLP(nn.Module):
@@ -46,3 +49,32 @@ def get_activation_fn(name: str):
 def clone_modules(module: nn.Module, n: int) -> nn.ModuleList:
     """``n`` independent deep copies of ``module``."""
     return nn.ModuleList(copy.deepcopy(module) for _ in range(n))
+
+
+def post_norm_ffn(
+    x: Tensor,
+    linear1: nn.Module,
+    activation,
+    dropout_hidden: nn.Module,
+    linear2: nn.Module,
+    dropout_out: nn.Module,
+    norm: nn.Module,
+) -> Tensor:
+    """The residual feed-forward block that ends every post-norm encoder / decoder layer:
+    ``norm(x + dropout_out(linear2(dropout_hidden(activation(linear1(x))))))``.
+
+    The layers own the modules (so their parameter names stay ``linear1``/``linear2``/``norm*`` as in the official
+    checkpoints); this is only the shared computation. ``x``: ``(..., C)`` -> ``(..., C)``.
+    """
+    return norm(x + dropout_out(linear2(dropout_hidden(activation(linear1(x))))))
+
+
+def xavier_init_deformable_(module: nn.Module) -> None:
+    """Deformable DETR's transformer init, in place: ``xavier_uniform_`` on every parameter with ``dim > 1``, then
+    each ``MSDeformAttn``'s own ``reset_parameters`` (its offsets need their special grid init, not xavier)."""
+    for p in module.parameters():
+        if p.dim() > 1:
+            torch.nn.init.xavier_uniform_(p)
+    for m in module.modules():
+        if isinstance(m, MSDeformAttn):
+            m.reset_parameters()

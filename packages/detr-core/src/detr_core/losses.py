@@ -116,13 +116,18 @@ def point_sample(input: Tensor, point_coords: Tensor, **kwargs) -> Tensor:
         kwargs: passed to ``F.grid_sample``.
 
     Returns:
-        ``(N, C, P)`` (or ``(N, C, Hg, Wg)`` for grid-shaped coords).
+        ``(N, C, P)`` (or ``(N, C, Hg, Wg)`` for grid-shaped coords), in the wider of the two dtypes: half-precision
+        logits sampled at float32 points give float32 samples at full coordinate precision (what autocast does
+        with ``grid_sample``), rather than rounding the points to half precision.
     """
     add_dim = point_coords.dim() == 3
     if add_dim:
         point_coords = point_coords.unsqueeze(2)
     kwargs.setdefault("align_corners", False)
-    out = F.grid_sample(input, 2.0 * point_coords.to(input.dtype) - 1.0, **kwargs)
+    if point_coords.dtype != input.dtype:
+        dtype = torch.promote_types(point_coords.dtype, input.dtype)
+        input, point_coords = input.to(dtype), point_coords.to(dtype)
+    out = F.grid_sample(input, 2.0 * point_coords - 1.0, **kwargs)
     return out.squeeze(3) if add_dim else out
 
 
@@ -284,7 +289,8 @@ class PointMaskLoss:
                 labels.append(point_sample(masks, coords[start : start + k]).squeeze(1))
                 start += k
             point_labels = torch.cat(labels)  # (K, P)
-        point_logits = point_sample(src, coords.to(src.dtype)).squeeze(1)  # (K, P)
+        # float32 points as the official code (torch.rand without dtype); point_sample keeps their precision
+        point_logits = point_sample(src, coords).squeeze(1)  # (K, P)
         return {
             "loss_mask": sigmoid_ce_loss(point_logits, point_labels, num_boxes),
             "loss_dice": dice_loss(point_logits, point_labels, num_boxes),

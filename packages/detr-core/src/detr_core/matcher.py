@@ -87,10 +87,11 @@ class GIoUCost:
 
 class PointMaskCost:
     """Mask BCE + dice cost on ``num_points`` uniform random points shared by all pairs of one image
-    (Mask2Former / Mask DINO matcher), computed in float32.
+    (Mask2Former / Mask DINO matcher), computed in float32 with autocast disabled.
 
     ``cost = weight_ce * mean_p BCE(pred_q(p), tgt_t(p)) + weight_dice * (1 - (2 sum p*t + 1) / (sum p + sum t + 1))``.
-    The term's own ``weight`` is 1; the two weights live inside because both costs must use the same points.
+    The two weights live inside because both costs must use the same points; the term's own ``weight`` is 1, or 0
+    when both weights are 0 (the matcher then skips the term and draws no points).
 
     Needs ``outputs["pred_masks"] (Q, H, W)`` logits and ``target["masks"] (n, Ht, Wt)`` covering the same (padded)
     frame; points are in normalised coordinates, so the resolutions may differ.
@@ -103,7 +104,7 @@ class PointMaskCost:
         num_points: int = 12544,
         generator: torch.Generator | None = None,
     ):
-        self.weight = 1.0
+        self.weight = 1.0 if (weight_ce or weight_dice) else 0.0
         self.weight_ce, self.weight_dice, self.num_points, self.generator = (
             weight_ce,
             weight_dice,
@@ -115,16 +116,18 @@ class PointMaskCost:
         pred = outputs["pred_masks"].float()
         tgt = target["masks"].to(device=pred.device, dtype=torch.float32)
         coords = torch.rand(1, self.num_points, 2, device=pred.device, generator=self.generator)
-        p = point_sample(pred[:, None], coords.expand(pred.shape[0], -1, -1)).squeeze(1)  # (Q, P)
-        t = point_sample(tgt[:, None], coords.expand(tgt.shape[0], -1, -1)).squeeze(1)  # (n, P)
-        pos = F.binary_cross_entropy_with_logits(p, torch.ones_like(p), reduction="none")
-        neg = F.binary_cross_entropy_with_logits(p, torch.zeros_like(p), reduction="none")
-        cost_ce = (pos @ t.T + neg @ (1 - t).T) / p.shape[1]
-        prob = p.sigmoid()
-        numerator = 2 * prob @ t.T
-        denominator = prob.sum(-1)[:, None] + t.sum(-1)[None, :]
-        cost_dice = 1 - (numerator + 1) / (denominator + 1)
-        return self.weight_ce * cost_ce + self.weight_dice * cost_dice
+        # float32 throughout: under autocast the (Q, P) x (P, n) products would otherwise run in half precision
+        with torch.autocast(device_type=pred.device.type, enabled=False):
+            p = point_sample(pred[:, None], coords.expand(pred.shape[0], -1, -1)).squeeze(1)  # (Q, P)
+            t = point_sample(tgt[:, None], coords.expand(tgt.shape[0], -1, -1)).squeeze(1)  # (n, P)
+            pos = F.binary_cross_entropy_with_logits(p, torch.ones_like(p), reduction="none")
+            neg = F.binary_cross_entropy_with_logits(p, torch.zeros_like(p), reduction="none")
+            cost_ce = (pos @ t.T + neg @ (1 - t).T) / p.shape[1]
+            prob = p.sigmoid()
+            numerator = 2 * prob @ t.T
+            denominator = prob.sum(-1)[:, None] + t.sum(-1)[None, :]
+            cost_dice = 1 - (numerator + 1) / (denominator + 1)
+            return self.weight_ce * cost_ce + self.weight_dice * cost_dice
 
 
 def per_image_outputs(outputs: dict, b: int, batch_size: int) -> dict[str, Tensor]:
