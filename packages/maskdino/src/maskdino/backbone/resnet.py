@@ -1,0 +1,179 @@
+"""ResNet backbones (torchvision layout, FrozenBatchNorm2d) returning ``res2``..``res5`` with their shapes.
+
+Module names are torchvision's (``conv1``, ``bn1``, ``layer1``..``layer4``) so that torchvision ImageNet
+weights load directly; the official detectron2 layout (``stem.conv1``, ``res2.0.conv1.norm``...) is mapped
+by :mod:`maskdino.checkpoint`. ``STRIDE_IN_1X1: False`` in the official configs = torchvision's stride on the
+3x3 conv.
+
+Padding awareness: given the unpadded ``image_sizes`` of a padded batch, every activation that a spatial
+operator (3x3/7x7 conv, max-pool) reads is zeroed outside the valid region. A padded image then produces,
+inside its valid region, exactly the features it produces alone (zero padding at the image border is what
+the convolutions see in both cases; after a ReLU the max-pool's ``-inf`` padding and a 0 give the same max).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+__all__ = ["ResNetBackbone", "ShapeSpec", "padding_mask", "valid_sizes"]
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """Channels and stride (w.r.t. the input image) of one feature map (detectron2's ``ShapeSpec``)."""
+
+    channels: int
+    stride: int
+
+
+def valid_sizes(image_sizes: Tensor, stride: int) -> Tensor:
+    """Unpadded ``(h, w)`` at ``stride``: ``ceil(size / stride)``.
+
+    This is exact for every stride-2 layer of the model (``k=1,p=0``, ``k=3,p=1``, ``k=7,p=3``), since
+    ``ceil(ceil(a / b) / c) == ceil(a / (b c))``.
+
+    Args:
+        image_sizes: ``(B, 2)`` int64 ``(h, w)`` of each image inside the padded batch.
+        stride: feature stride.
+
+    Returns:
+        ``(B, 2)`` int64.
+    """
+    return torch.div(image_sizes + (stride - 1), stride, rounding_mode="floor")
+
+
+def padding_mask(image_sizes: Tensor, shape: tuple[int, int] | torch.Size, stride: int) -> Tensor:
+    """``(B, H, W)`` bool, True at padded positions of a feature map of ``shape`` at ``stride``."""
+    sizes = valid_sizes(image_sizes, stride)
+    h, w = int(shape[0]), int(shape[1])
+    rows = torch.arange(h, device=image_sizes.device)[None, :] >= sizes[:, 0:1]  # (B, H)
+    cols = torch.arange(w, device=image_sizes.device)[None, :] >= sizes[:, 1:2]  # (B, W)
+    return rows[:, :, None] | cols[:, None, :]
+
+
+def _zero_padding(x: Tensor, image_sizes: Tensor | None, stride: int) -> Tensor:
+    if image_sizes is None:
+        return x
+    pad = padding_mask(image_sizes, x.shape[-2:], stride)
+    return x.masked_fill(pad[:, None], 0.0)
+
+
+_DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101"}
+
+
+class ResNetBackbone(nn.Module):
+    """torchvision ResNet-18/34/50/101 without ``avgpool``/``fc``.
+
+    Args:
+        depth: 18, 34, 50 or 101.
+        out_features: subset of ``res2..res5`` to return.
+        freeze_at: detectron2 semantics: 0 nothing frozen, 1 the stem, ``k`` the stem and ``res2..res{k}``.
+        norm: ``FrozenBN`` (official) or ``BN`` (trainable BatchNorm, for training from scratch; not
+            padding-exact).
+        weights: optional local torchvision checkpoint (``resnet50-*.pth``); never downloaded.
+    """
+
+    def __init__(
+        self,
+        depth: int = 50,
+        out_features: tuple[str, ...] | list[str] = ("res2", "res3", "res4", "res5"),
+        freeze_at: int = 0,
+        norm: str = "FrozenBN",
+        weights: str | Path | None = None,
+    ):
+        super().__init__()
+        if depth not in _DEPTHS:
+            raise ValueError(f"unsupported ResNet depth {depth}; expected one of {sorted(_DEPTHS)}")
+        norm_layer = {"FrozenBN": FrozenBatchNorm2d, "BN": nn.BatchNorm2d}[norm]
+        tv = getattr(torchvision.models, _DEPTHS[depth])(weights=None, norm_layer=norm_layer)
+        self.depth = depth
+        self.conv1, self.bn1, self.relu, self.maxpool = tv.conv1, tv.bn1, tv.relu, tv.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = tv.layer1, tv.layer2, tv.layer3, tv.layer4
+        expansion = 4 if depth >= 50 else 1
+        self._shapes = {f"res{i + 2}": ShapeSpec(64 * 2**i * expansion, 4 * 2**i) for i in range(4)}
+        unknown = set(out_features) - set(self._shapes)
+        if unknown:
+            raise ValueError(f"unknown out_features {sorted(unknown)}")
+        self.out_features = [k for k in self._shapes if k in out_features]
+        if weights is not None:
+            self.load_torchvision_weights(weights)
+        self.freeze(freeze_at)
+
+    @property
+    def supports_padding_mask(self) -> bool:
+        return True
+
+    def output_shape(self) -> dict[str, ShapeSpec]:
+        """``{name: ShapeSpec(channels, stride)}`` of the returned features."""
+        return {k: self._shapes[k] for k in self.out_features}
+
+    def load_torchvision_weights(self, path: str | Path) -> None:
+        """Load a local torchvision ImageNet checkpoint (the classifier ``fc.*`` is ignored)."""
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(sd, dict) and "state_dict" in sd:
+            sd = sd["state_dict"]
+        sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        # FrozenBatchNorm2d has no num_batches_tracked; anything else missing is an error.
+        unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
+        if missing or unexpected:
+            raise RuntimeError(f"ResNet weights {path}: missing {missing}, unexpected {unexpected}")
+
+    def freeze(self, freeze_at: int) -> None:
+        """Stop gradients of the stem (``freeze_at >= 1``) and of ``res2..res{freeze_at}``."""
+        stages = [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
+        for modules in stages[: max(0, freeze_at)]:
+            for m in modules:
+                for p in m.parameters():
+                    p.requires_grad_(False)
+
+    def forward(self, x: Tensor, image_sizes: Tensor | None = None) -> dict[str, Tensor]:
+        """
+        Args:
+            x: ``(B, 3, H, W)`` normalised images, padded with zeros at the bottom/right.
+            image_sizes: ``(B, 2)`` int64 unpadded ``(h, w)``; None = treat padding as content (official).
+
+        Returns:
+            ``{"res2": (B, C2, H/4, W/4), ..., "res5": (B, C5, H/32, W/32)}`` (only ``out_features``).
+        """
+        x = self.relu(self.bn1(self.conv1(x)))
+        # zero the padding before the pool (a window at the border must not see padded activations) and
+        # after it (a padded output whose window reaches back into the image is not zero)
+        x = _zero_padding(self.maxpool(_zero_padding(x, image_sizes, 2)), image_sizes, 4)
+        out = {}
+        stride = 4
+        for i, layer in enumerate([self.layer1, self.layer2, self.layer3, self.layer4]):
+            if i > 0:
+                stride *= 2
+            for block in layer:
+                x = self._block(block, x, image_sizes, stride)
+            name = f"res{i + 2}"
+            if name in self.out_features:
+                out[name] = x
+        return out
+
+    @staticmethod
+    def _block(block: nn.Module, x: Tensor, image_sizes: Tensor | None, stride: int) -> Tensor:
+        """One residual block; ``x`` is already zero outside the valid region (at ``stride`` of its input)."""
+        if image_sizes is None:
+            return block(x)
+        identity = x if block.downsample is None else block.downsample(x)
+        if isinstance(block, Bottleneck):
+            out = block.relu(block.bn1(block.conv1(x)))
+            out = _zero_padding(out, image_sizes, stride // block.conv2.stride[0])
+            out = block.relu(block.bn2(block.conv2(out)))
+            out = block.bn3(block.conv3(out))
+        elif isinstance(block, BasicBlock):
+            out = block.relu(block.bn1(block.conv1(x)))
+            out = _zero_padding(out, image_sizes, stride)
+            out = block.bn2(block.conv2(out))
+        else:  # pragma: no cover - torchvision only has these two
+            raise TypeError(type(block))
+        return _zero_padding(block.relu(out + identity), image_sizes, stride)

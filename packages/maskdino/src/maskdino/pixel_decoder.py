@@ -1,0 +1,344 @@
+"""Mask DINO's pixel decoder: a multi-scale deformable encoder plus 1/4-resolution mask features.
+
+Official ``MaskDINOEncoder`` (``maskdino/modeling/pixel_decoder/maskdino_encoder.py``), rewritten:
+
+* encoder inputs ``transformer_in_features`` (e.g. res3-res5) each go through ``input_proj[i]`` = Conv1x1
+  (+bias) + GroupNorm(32); ``total - len(inputs)`` extra levels are made by Conv3x3 stride 2 + GN, the first
+  one on the RAW lowest-resolution backbone map;
+* ``feature_order="low2high"``: encoder levels ``[1/8, 1/16, 1/32, 1/64]`` (``input_proj[0]`` = res3);
+  ``"high2low"``: ``[1/64, 1/32, 1/16, 1/8]`` (``input_proj[0]`` = res5, extra levels last in ``input_proj``);
+* each level's tokens get a sine position embedding (of that level's map) + ``level_embed[lvl]``;
+* the deformable encoder runs in float32 (autocast off);
+* mask features: ``adapter_1(res2)`` (Conv1x1 no bias + GN) + bilinear upsample of the encoder's 1/8 map,
+  ``layer_1`` (Conv3x3 no bias + GN + ReLU), ``mask_features`` (Conv1x1 + bias).
+
+Padding (deviation from the official code, switchable): the official head passes no padding mask, so the
+padding of a batch is image content. With ``image_sizes`` given, masked tokens and valid ratios go to the
+encoder, the sine embedding is normalised by each image's valid extent, GroupNorm statistics are taken over
+valid positions only, convolutions see zeros outside the valid region and the 1/8 map is edge-replicated
+before upsampling; an image then gets the same features inside its valid region whatever the padding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detr_core.encoder import DeformableEncoder, flatten_levels
+from detr_core.layers import xavier_init_deformable_
+from detr_core.position_encoding import PositionEmbeddingSine
+
+from .backbone.resnet import ShapeSpec, padding_mask, valid_sizes
+from .config import PixelDecoderConfig
+
+__all__ = [
+    "ConvNorm",
+    "EncoderOnly",
+    "MaskDINOPixelDecoder",
+    "PixelDecoderOutput",
+    "masked_group_norm",
+    "replicate_outside",
+]
+
+
+def masked_group_norm(x: Tensor, gn: nn.GroupNorm, pad: Tensor | None) -> Tensor:
+    """GroupNorm whose statistics use only unpadded positions.
+
+    Args:
+        x: ``(B, C, H, W)``. gn: the module holding ``num_groups``, ``eps`` and the affine parameters.
+        pad: ``(B, H, W)`` bool True=padding, or None (plain ``gn(x)``).
+
+    Returns:
+        ``(B, C, H, W)``; values at padded positions are normalised with the same statistics (not zeroed).
+    """
+    if pad is None:
+        return gn(x)
+    b, c, h, w = x.shape
+    g = gn.num_groups
+    xg = x.view(b, g, c // g, h, w)
+    valid = (~pad).to(x.dtype)[:, None, None]  # (B, 1, 1, H, W)
+    count = valid.sum(dim=(2, 3, 4), keepdim=True).clamp(min=1.0) * (c // g)
+    mean = (xg * valid).sum(dim=(2, 3, 4), keepdim=True) / count
+    var = (((xg - mean) ** 2) * valid).sum(dim=(2, 3, 4), keepdim=True) / count
+    y = ((xg - mean) * torch.rsqrt(var + gn.eps)).view(b, c, h, w)
+    if gn.affine:
+        y = y * gn.weight[None, :, None, None] + gn.bias[None, :, None, None]
+    return y
+
+
+def replicate_outside(x: Tensor, sizes: Tensor) -> Tensor:
+    """Replace every position outside the valid ``sizes`` region by the nearest valid one (edge replicate).
+
+    Bilinear resampling near the valid border then reads what it would read at the border of the unpadded map.
+
+    Args:
+        x: ``(B, C, H, W)``. sizes: ``(B, 2)`` int64 valid ``(h, w)`` (>= 1).
+    """
+    b, c, h, w = x.shape
+    rows = torch.minimum(torch.arange(h, device=x.device)[None], sizes[:, 0:1] - 1)  # (B, H)
+    cols = torch.minimum(torch.arange(w, device=x.device)[None], sizes[:, 1:2] - 1)  # (B, W)
+    x = x.gather(2, rows[:, None, :, None].expand(b, c, h, w))
+    return x.gather(3, cols[:, None, None, :].expand(b, c, h, w))
+
+
+def _zero_pad(x: Tensor, pad: Tensor | None) -> Tensor:
+    return x if pad is None else x.masked_fill(pad[:, None], 0.0)
+
+
+def _c2_xavier_fill(conv: nn.Conv2d) -> None:
+    # detectron2's c2_xavier_fill: kaiming_uniform with a=1 (Caffe2 "XavierFill"), zero bias
+    nn.init.kaiming_uniform_(conv.weight, a=1)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
+class ConvNorm(nn.Conv2d):
+    """``Conv2d`` with a child ``norm`` (GroupNorm) and an optional ReLU, like detectron2's ``Conv2d``:
+    its own ``weight`` is the conv weight and ``norm.weight``/``norm.bias`` the GroupNorm's."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, num_groups: int, relu: bool = False
+    ):
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        self.norm = nn.GroupNorm(num_groups, out_channels)
+        self.relu = relu
+        _c2_xavier_fill(self)
+
+    def forward(self, x: Tensor, pad: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """``x (B, Cin, H, W)`` -> ``(B, Cout, H, W)``; ``pad (B, H, W)`` restricts GN statistics."""
+        y = masked_group_norm(super().forward(x), self.norm, pad)
+        return F.relu(y) if self.relu else y
+
+
+class EncoderOnly(nn.Module):
+    """``level_embed (L, C)`` + ``encoder`` (detr_core ``DeformableEncoder``): the official
+    ``MSDeformAttnTransformerEncoderOnly`` key layout (``transformer.level_embed``, ``transformer.encoder.layers``)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        num_layers: int,
+        d_ffn: int,
+        dropout: float,
+        n_levels: int,
+        n_points: int,
+    ):
+        super().__init__()
+        self.encoder = DeformableEncoder(
+            num_layers=num_layers,
+            d_model=d_model,
+            d_ffn=d_ffn,
+            dropout=dropout,
+            activation="relu",
+            n_levels=n_levels,
+            n_heads=nhead,
+            n_points=n_points,
+        )
+        self.level_embed = nn.Parameter(torch.empty(n_levels, d_model))
+        xavier_init_deformable_(self)
+        nn.init.normal_(self.level_embed)
+
+
+class PixelDecoderOutput(dict):
+    """Outputs of :class:`MaskDINOPixelDecoder` (a dict so that it traces/exports cleanly).
+
+    Keys:
+        mask_features: ``(B, mask_dim, H/4, W/4)``.
+        multi_scale_features: list of ``L`` maps ``(B, conv_dim, H_l, W_l)`` in the encoder's level order.
+        multi_scale_masks: list of ``L`` ``(B, H_l, W_l)`` bool padding masks, or None (no padding info).
+        mask_features_pad: ``(B, H/4, W/4)`` bool padding mask of the mask features, or None.
+    """
+
+
+class MaskDINOPixelDecoder(nn.Module):
+    """Multi-scale deformable encoder + mask features.
+
+    Args:
+        input_shape: ``{name: ShapeSpec}`` of the backbone outputs.
+        cfg: :class:`PixelDecoderConfig`.
+    """
+
+    def __init__(self, input_shape: Mapping[str, ShapeSpec], cfg: PixelDecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        shapes = {k: v for k, v in input_shape.items() if k in cfg.in_features}
+        missing = set(cfg.in_features) - set(shapes)
+        if missing:
+            raise ValueError(f"pixel decoder needs backbone features {sorted(missing)}")
+        self.in_features = sorted(shapes, key=lambda k: shapes[k].stride)  # res2 .. res5
+        self.feature_strides = [shapes[k].stride for k in self.in_features]
+        self.feature_channels = [shapes[k].channels for k in self.in_features]
+        self.feature_order = cfg.feature_order
+        self.common_stride = cfg.common_stride
+        conv_dim = cfg.conv_dim
+        groups = 32 if conv_dim % 32 == 0 else math.gcd(conv_dim, 32)
+
+        # Encoder inputs in the ENCODER's level order before any extra level: high->low resolution for
+        # low2high (res3, res4, res5), low->high for high2low (res5, res4, res3).
+        trans = [k for k in self.in_features if k in cfg.transformer_in_features]
+        if len(trans) != len(cfg.transformer_in_features):
+            raise ValueError("transformer_in_features must be a subset of in_features")
+        self.transformer_in_features = trans if self.feature_order == "low2high" else trans[::-1]
+        self.transformer_strides = [shapes[k].stride for k in self.transformer_in_features]
+        self.num_inputs = len(trans)
+        self.total_num_feature_levels = cfg.total_num_feature_levels
+        self.num_extra = self.total_num_feature_levels - self.num_inputs
+        lowest = max(trans, key=lambda k: shapes[k].stride)
+        self.lowest_feature = lowest
+
+        proj = [
+            nn.Sequential(nn.Conv2d(shapes[k].channels, conv_dim, 1), nn.GroupNorm(groups, conv_dim))
+            for k in self.transformer_in_features
+        ]
+        in_ch = shapes[lowest].channels
+        for _ in range(self.num_extra):
+            proj.append(
+                nn.Sequential(
+                    nn.Conv2d(in_ch, conv_dim, kernel_size=3, stride=2, padding=1),
+                    nn.GroupNorm(groups, conv_dim),
+                )
+            )
+            in_ch = conv_dim
+        self.input_proj = nn.ModuleList(proj)
+        for p in self.input_proj:
+            nn.init.xavier_uniform_(p[0].weight, gain=1)
+            nn.init.zeros_(p[0].bias)
+
+        # strides of the encoder levels in their token order
+        extra_strides = [shapes[lowest].stride * 2 ** (i + 1) for i in range(self.num_extra)]
+        if self.feature_order == "low2high":
+            self.level_strides = self.transformer_strides + extra_strides
+        else:
+            self.level_strides = extra_strides[::-1] + self.transformer_strides
+
+        self.transformer = EncoderOnly(
+            d_model=conv_dim,
+            nhead=cfg.nheads,
+            num_layers=cfg.num_encoder_layers,
+            d_ffn=cfg.dim_feedforward,
+            dropout=cfg.dropout,
+            n_levels=self.total_num_feature_levels,
+            n_points=cfg.n_points,
+        )
+        self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
+        self.mask_dim = cfg.mask_dim
+        self.mask_features = nn.Conv2d(conv_dim, cfg.mask_dim, kernel_size=1)
+        _c2_xavier_fill(self.mask_features)
+
+        self.num_fpn_levels = max(
+            int(math.log2(min(self.transformer_strides)) - math.log2(self.common_stride)), 1
+        )
+        self.fpn_features = self.in_features[: self.num_fpn_levels]
+        for i, ch in enumerate(self.feature_channels[: self.num_fpn_levels]):
+            self.add_module(f"adapter_{i + 1}", ConvNorm(ch, conv_dim, 1, groups))
+            self.add_module(f"layer_{i + 1}", ConvNorm(conv_dim, conv_dim, 3, groups, relu=True))
+        # index of the 1/8 (highest-resolution) encoder level in the level list
+        self.high_resolution_index = (
+            0 if self.feature_order == "low2high" else self.total_num_feature_levels - 1
+        )
+
+    def output_strides(self) -> list[int]:
+        """Stride of every multi-scale feature level, in the encoder's (= output list) order."""
+        return list(self.level_strides)
+
+    def forward(
+        self, features: Mapping[str, Tensor], image_sizes: Tensor | None = None
+    ) -> PixelDecoderOutput:
+        """
+        Args:
+            features: backbone maps ``{name: (B, C, H_s, W_s)}``.
+            image_sizes: ``(B, 2)`` int64 unpadded ``(h, w)`` or None (official: no padding mask).
+
+        Returns:
+            :class:`PixelDecoderOutput`.
+        """
+        device_type = next(iter(features.values())).device.type
+        if torch.is_autocast_enabled(device_type):
+            # deformable attention is run in float32 as in the official code
+            with torch.autocast(device_type=device_type, enabled=False):
+                return self._forward({k: v.float() for k, v in features.items()}, image_sizes)
+        return self._forward({k: v.float() for k, v in features.items()}, image_sizes)
+
+    def _pad(self, image_sizes: Tensor | None, x: Tensor, stride: int) -> Tensor | None:
+        return None if image_sizes is None else padding_mask(image_sizes, x.shape[-2:], stride)
+
+    def _forward(self, features: Mapping[str, Tensor], image_sizes: Tensor | None) -> PixelDecoderOutput:
+        srcs: list[Tensor] = []
+        pads: list[Tensor | None] = []
+        for i, name in enumerate(self.transformer_in_features):
+            x = features[name]
+            pad = self._pad(image_sizes, x, self.transformer_strides[i])
+            proj = self.input_proj[i]
+            srcs.append(masked_group_norm(proj[0](x), proj[1], pad))
+            pads.append(pad)
+        extra: list[Tensor] = []
+        extra_pads: list[Tensor | None] = []
+        x = features[self.lowest_feature]
+        stride = dict(zip(self.in_features, self.feature_strides))[self.lowest_feature]
+        for j in range(self.num_extra):
+            # zero outside the image so that the strided 3x3 conv sees the same border as an unpadded map
+            x = _zero_pad(x, self._pad(image_sizes, x, stride))
+            stride *= 2
+            proj = self.input_proj[self.num_inputs + j]
+            y = proj[0](x)
+            pad = self._pad(image_sizes, y, stride)
+            x = masked_group_norm(y, proj[1], pad)
+            extra.append(x)
+            extra_pads.append(pad)
+        if self.feature_order == "low2high":
+            srcs, pads = srcs + extra, pads + extra_pads
+        else:
+            srcs, pads = extra[::-1] + srcs, extra_pads[::-1] + pads
+
+        flat = flatten_levels(srcs, pads)
+        b, shapes = flat.tokens.shape[0], flat.shapes
+        areas = [h * w for h, w in shapes]
+        # each level's sine embedding (of that level's map and padding) + its level embedding
+        pos_flat = torch.cat(
+            [
+                self.pe_layer(src, pad).flatten(2).transpose(1, 2)
+                + self.transformer.level_embed[lvl].view(1, 1, -1)
+                for lvl, (src, pad) in enumerate(zip(srcs, pads))
+            ],
+            1,
+        )
+        # the level shapes as Python ints: read back from the tensor they would be data-dependent under torch.export
+        memory = self.transformer.encoder(
+            flat.tokens,
+            flat.spatial_shapes,
+            flat.level_start_index,
+            flat.valid_ratios,
+            pos=pos_flat,
+            padding_mask=flat.padding_mask,
+            spatial_shapes_list=shapes,
+        )
+
+        out = [
+            z.transpose(1, 2).reshape(b, -1, h, w) for z, (h, w) in zip(memory.split(areas, dim=1), shapes)
+        ]
+        multi_scale = out[: self.total_num_feature_levels]
+        high = out[self.high_resolution_index]
+        high_stride = self.level_strides[self.high_resolution_index]
+        if image_sizes is not None:
+            high = replicate_outside(high, valid_sizes(image_sizes, high_stride))
+        y = high
+        fpn_pad: Tensor | None = None
+        for i, name in reversed(list(enumerate(self.fpn_features))):
+            x = features[name]
+            stride = self.feature_strides[i]
+            fpn_pad = self._pad(image_sizes, x, stride)
+            lateral = getattr(self, f"adapter_{i + 1}")(x, fpn_pad)
+            # official quirk: every FPN level upsamples the encoder's highest-resolution map
+            y = lateral + F.interpolate(high, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+            y = getattr(self, f"layer_{i + 1}")(_zero_pad(y, fpn_pad), fpn_pad)
+        return PixelDecoderOutput(
+            mask_features=self.mask_features(y),
+            multi_scale_features=multi_scale,
+            multi_scale_masks=None if image_sizes is None else pads,
+            mask_features_pad=fpn_pad,
+        )

@@ -1,0 +1,70 @@
+"""torch.export and torch.compile of the inference graph (tiny preset, fixed input size)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from maskdino.config import get_preset
+from maskdino.model import build_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class InferenceGraph(torch.nn.Module):
+    """``(batch, image_sizes) -> (pred_logits, pred_masks, pred_boxes)``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, image_sizes):
+        return self.model.inference_forward(batch, image_sizes)
+
+
+@pytest.fixture(scope="module")
+def model_and_input():
+    cfg = get_preset("tiny")
+    cfg.num_classes = 4
+    torch.manual_seed(0)
+    m = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    batch, sizes = m.preprocess(
+        [torch.rand(3, 64, 64, generator=g) * 255, torch.rand(3, 50, 60, generator=g) * 255]
+    )
+    return m, batch, sizes
+
+
+def test_torch_export_matches_eager(model_and_input):
+    m, batch, sizes = model_and_input
+    with torch.no_grad():
+        ref = m.inference_forward(batch, sizes)
+        ep = torch.export.export(InferenceGraph(m), (batch, sizes))
+        out = ep.module()(batch, sizes)
+        # the exported program takes the image sizes as data: another padding layout, same graph
+        other = torch.tensor([[40, 64], [64, 33]])
+        torch.testing.assert_close(
+            ep.module()(batch, other), m.inference_forward(batch, other), atol=1e-5, rtol=1e-5
+        )
+    for a, b in zip(ref, out):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert ref[0].shape == (2, 50, 4) and ref[1].shape == (2, 50, 16, 16) and ref[2].shape == (2, 50, 4)
+
+
+def test_torch_compile_smoke(model_and_input):
+    # backend="eager" exercises Dynamo's capture of the whole inference path without the minutes of Inductor
+    # code generation on a 2-core CPU.
+    m, batch, sizes = model_and_input
+    torch._dynamo.reset()
+    compiled = torch.compile(m.inference_forward, backend="eager")
+    with torch.no_grad():
+        out = compiled(batch, sizes)
+        ref = m.inference_forward(batch, sizes)
+    for a, b in zip(ref, out):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
