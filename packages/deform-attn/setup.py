@@ -5,6 +5,10 @@ fails, it installs the pure-PyTorch path and `deform_attn` says so once at impor
 compiled when a CUDA toolkit is found (CUDA_HOME, else /usr/local/cuda), whether or not a GPU is present,
 for TORCH_CUDA_ARCH_LIST or by default the common data-centre archs (sm_80, sm_90).
 
+Environment: CUDA_HOME (toolkit), TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), FORCE_CUDA=1 (compile the CUDA
+kernel even without a toolkit found at the usual places), DEFORM_ATTN_NO_CUDA=1 (CPU kernel only),
+DEFORM_ATTN_NO_EXT=1 (no extension at all), DEFORM_ATTN_REQUIRE_EXT=1 (fail instead of falling back).
+
 Install with `pip install --no-build-isolation packages/deform-attn` so the extension is built against
 the torch already installed (an isolated build would download a second, multi-GB torch).
 """
@@ -43,18 +47,25 @@ def _extensions():
     try:
         import torch  # noqa: F401
     except ImportError:
-        _warn("torch is not importable at build time: installing the pure-PyTorch path only "
-              "(use `pip install --no-build-isolation` with torch installed to build the kernels)")
+        _warn(
+            "torch is not importable at build time: installing the pure-PyTorch path only "
+            "(use `pip install --no-build-isolation` with torch installed to build the kernels)"
+        )
         return [], {}
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         _warn("no C++ compiler found: installing the pure-PyTorch path only")
         return [], {}
-    cuda_home = _cuda_home()
+    # DEFORM_ATTN_NO_CUDA=1: CPU kernel only even when a toolkit is present (quick local builds).
+    cuda_home = None if os.environ.get("DEFORM_ATTN_NO_CUDA") == "1" else _cuda_home()
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     csrc = os.path.join("csrc")
     sources = sorted(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17"]
+    # -fopenmp: at::parallel_for is header-inline and only runs in parallel when the extension itself is
+    # compiled with OpenMP (it then shares torch's libgomp). -fopenmp-simd enables the `omp simd` channel
+    # loops (reductions included) without -ffast-math.
+    cxx_flags = ["-O3", "-fopenmp", "-fopenmp-simd"]
+    link_flags = ["-fopenmp"]
     define_macros = []
     force_cuda = os.environ.get("FORCE_CUDA") == "1"
     if cuda_home is not None or force_cuda:
@@ -65,11 +76,14 @@ def _extensions():
             EXT_NAME,
             sources,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_link_args=link_flags,
         )
     else:
         _warn("no CUDA toolkit found: building the CPU kernel only")
-        ext = CppExtension(EXT_NAME, sources, extra_compile_args={"cxx": cxx_flags})
+        ext = CppExtension(
+            EXT_NAME, sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+        )
 
     class _BuildOrFallback(BuildExtension):
         """Fall back to the pure-PyTorch install if compilation fails, instead of failing the install."""
@@ -77,7 +91,7 @@ def _extensions():
         def run(self):
             try:
                 super().run()
-            except Exception as exc:  # noqa: BLE001 - any compiler failure means: no extension
+            except Exception as exc:  # any compiler failure means: no extension
                 if os.environ.get("DEFORM_ATTN_REQUIRE_EXT") == "1":
                     raise
                 _warn(f"building the extension failed ({exc}); installing the pure-PyTorch path only")

@@ -1,12 +1,18 @@
-"""Multi-scale deformable attention as a torch op (CPU and CUDA kernels, pure-PyTorch fallback)."""
+"""Multi-scale deformable attention as a torch op (CPU and CUDA kernels, pure-PyTorch fallback).
+
+``deform_attn.ms_deform_attn`` runs the compiled ``torch.ops.deform_attn.ms_deform_attn`` where a kernel
+exists and :func:`ms_deform_attn_reference` elsewhere; :func:`build_info` says which kernels are built.
+"""
 
 from .modules import MSDeformAttn
-from .ops import ms_deform_attn
+from .ops import build_info, extension_available, kernel_available, ms_deform_attn
 from .reference import ms_deform_attn_reference
 
-__all__ = ["MSDeformAttn", "build_info", "ms_deform_attn", "ms_deform_attn_reference"]
-
-
-def build_info() -> str:
-    """One line saying which kernels this install has."""
-    return "deform_attn: pure-PyTorch path only (kernels not built yet)"
+__all__ = [
+    "MSDeformAttn",
+    "build_info",
+    "extension_available",
+    "kernel_available",
+    "ms_deform_attn",
+    "ms_deform_attn_reference",
+]
