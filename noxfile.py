@@ -101,6 +101,9 @@ def _run(session: nox.Session, env: dict[str, str], *args: str) -> None:
 def tests(session: nox.Session) -> None:
     """All tests of all packages plus the cross-package tests (CPU; CUDA tests skip without a GPU)."""
     env = _shared_env(session)
+    # Two pytest workers on two cores: one intra-op thread each, or torch's thread pools fight over the
+    # cores (a tiny training step goes from ~1 s to ~20 s when oversubscribed).
+    env["OMP_NUM_THREADS"] = "1"
     args = session.posargs or []
     _run(session, env, "-c", "import deform_attn; print(deform_attn.build_info())")
     _run(session, env, "-m", "pytest", "-n", "2", "--dist", "loadfile", *args)
