@@ -254,3 +254,15 @@ def test_point_mask_loss_half_predictions_match_float32():
     half, full = run(pred), run(pred.float())
     for k in ("loss_mask", "loss_dice"):
         assert half[k].dtype == torch.float32 and torch.equal(half[k], full[k])
+
+
+def test_set_criterion_moves_with_the_model():
+    """`SetCriterion` must not shadow ``nn.Module._apply``: ``.to()``/``.double()`` of a model holding it must work."""
+    from detr_core.losses import BoxLoss, SetCriterion
+    from detr_core.matcher import BoxL1Cost, HungarianMatcher
+
+    criterion = SetCriterion(HungarianMatcher([BoxL1Cost(1.0)]), {"boxes": BoxLoss()}, {"loss_bbox": 1.0})
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    model.criterion = criterion
+    model.to(torch.float64)
+    assert model[0].weight.dtype == torch.float64

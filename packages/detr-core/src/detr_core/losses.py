@@ -341,7 +341,7 @@ class SetCriterion(nn.Module):
             raise ValueError(f"dn_losses {unknown} are not in losses {list(self.losses)}")
         self.pad_missing_dn = pad_missing_dn
 
-    def _apply(
+    def _compute_losses(
         self,
         names: Sequence[str],
         outputs: dict,
@@ -370,13 +370,13 @@ class SetCriterion(nn.Module):
         num_boxes = reduce_num_boxes(sum(int(t["labels"].shape[0]) for t in targets), device)
         names = list(self.losses)
 
-        losses = self._apply(names, main, targets, self.matcher(main, targets), num_boxes, "")
+        losses = self._compute_losses(names, main, targets, self.matcher(main, targets), num_boxes, "")
         for i, aux in enumerate(outputs.get("aux_outputs") or []):
-            losses.update(self._apply(names, aux, targets, self.matcher(aux, targets), num_boxes, f"_{i}"))
+            losses.update(self._compute_losses(names, aux, targets, self.matcher(aux, targets), num_boxes, f"_{i}"))
         interm = outputs.get("interm_outputs")
         if interm is not None:
             losses.update(
-                self._apply(names, interm, targets, self.matcher(interm, targets), num_boxes, "_interm")
+                self._compute_losses(names, interm, targets, self.matcher(interm, targets), num_boxes, "_interm")
             )
 
         dn_outputs, meta = outputs.get("dn_outputs"), outputs.get("dn_meta")
@@ -394,7 +394,7 @@ class SetCriterion(nn.Module):
                 (f"_dn_{i}", a) for i, a in enumerate(outputs.get("aux_outputs") or [])
             ]
             for suffix, level in levels:
-                zeros = self._apply(self.dn_losses, level, targets, empty, num_boxes, suffix)
+                zeros = self._compute_losses(self.dn_losses, level, targets, empty, num_boxes, suffix)
                 losses.update({k: v * 0.0 for k, v in zeros.items()})
         return losses
 
@@ -406,9 +406,9 @@ class SetCriterion(nn.Module):
         indices = denoising_indices(targets, meta)
         nb = num_boxes * meta.num_groups
         level = {k: v for k, v in dn_outputs.items() if k not in _RESERVED}
-        losses = self._apply(self.dn_losses, level, targets, indices, nb, "_dn")
+        losses = self._compute_losses(self.dn_losses, level, targets, indices, nb, "_dn")
         for i, aux in enumerate(dn_outputs.get("aux_outputs") or []):
-            losses.update(self._apply(self.dn_losses, aux, targets, indices, nb, f"_dn_{i}"))
+            losses.update(self._compute_losses(self.dn_losses, aux, targets, indices, nb, f"_dn_{i}"))
         return losses
 
     def weighted(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
