@@ -291,6 +291,32 @@ def test_padding_invariance():
     assert (la2[0] - lb2[0]).abs().max() > 1e-3
 
 
+def test_unpadded_batch_skips_padding_work_with_same_outputs(monkeypatch):
+    # nothing padded: the network runs without image_sizes (no masked fills / masked GroupNorms) and must give
+    # what the padding-aware graph gives with all-False masks
+    torch.manual_seed(0)
+    m = build_model(tiny_cfg()).eval()
+    imgs = images([(64, 96), (64, 96)], seed=5)
+    seen = []
+    original = m.inference_forward
+
+    def spy(batch, image_sizes=None):
+        seen.append(image_sizes)
+        return original(batch, image_sizes)
+
+    with torch.no_grad():
+        batch, sizes = m.preprocess(imgs)
+        aware = original(batch, sizes)
+        plain = original(batch, None)
+        monkeypatch.setattr(m, "inference_forward", spy)
+        preds = m.predict(imgs)
+        m.predict([imgs[0], images([(50, 70)], seed=6)[0]])
+    assert seen[0] is None and seen[1] is not None
+    for a, b in zip(aware, plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert len(preds) == 2 and preds[0].instances is not None
+
+
 def test_forward_in_eval_mode_predicts(model):
     model.eval()
     (p,) = model(images(SIZES[:1]))

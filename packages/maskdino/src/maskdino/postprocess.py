@@ -146,8 +146,10 @@ def _binary_masks_and_quality(
                 (mask_logits.shape[0], *logits.shape[-2:]), dtype=torch.bool, device=logits.device
             )
         binary = torch.gt(logits, 0, out=masks[start:stop])
-        inside = logits.sigmoid_().mul_(binary).flatten(1).sum(1)
-        quality[start:stop] = inside / (binary.flatten(1).sum(1) + 1e-6)
+        # masked_fill_ and count_nonzero instead of ``mul_(binary)`` and ``binary.sum()``: the same values without
+        # converting the full-resolution bool masks to float / int64 copies (the biggest post-processing cost)
+        inside = logits.sigmoid_().masked_fill_(~binary, 0.0).flatten(1).sum(1)
+        quality[start:stop] = inside / (torch.count_nonzero(binary.flatten(1), dim=1) + 1e-6)
     if masks is None:  # no query at all
         h, w = mask_logits.shape[-2:] if resize is None else resize(mask_logits[:0]).shape[-2:]
         masks = torch.zeros((0, h, w), dtype=torch.bool, device=mask_logits.device)

@@ -1,0 +1,175 @@
+"""COCO panoptic data: json + PNGs with RGB-encoded segment ids (id = R + 256 G + 256^2 B).
+
+Each segment (thing or stuff) becomes one training target (mask, box from the mask, contiguous class),
+as in the official panoptic training; crowd segments are excluded from the targets. The semantic map
+(contiguous class per pixel, 255 = void) is derived from the same PNG, crowd regions included.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+
+from maskdino.data.coco import DatasetMetadata, finalize_sample, read_image, read_json
+from maskdino.data.transforms import SEM_SEG_IGNORE, apply_seeded, masks_to_boxes
+
+__all__ = ["PanopticDataset", "id2rgb", "load_coco_panoptic", "read_panoptic_png", "rgb2id"]
+
+
+def rgb2id(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (H, W) int64 segment ids."""
+    rgb = rgb.astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+
+
+def id2rgb(ids: np.ndarray) -> np.ndarray:
+    """(H, W) int segment ids -> (H, W, 3) uint8 colours (inverse of :func:`rgb2id`)."""
+    ids = ids.astype(np.int64)
+    return np.stack([ids % 256, (ids // 256) % 256, (ids // 65536) % 256], axis=-1).astype(np.uint8)
+
+
+def read_panoptic_png(path: str | Path) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"panoptic PNG not found: {path}")
+    with Image.open(path) as img:
+        if img.mode != "RGB":
+            raise ValueError(f"{path}: panoptic PNG must be RGB (ids encoded as R + 256 G + 256^2 B), got mode {img.mode}")
+        return rgb2id(np.asarray(img))
+
+
+def load_coco_panoptic(
+    json_path: str | Path,
+    png_dir: str | Path,
+    image_root: str | Path,
+    *,
+    filter_empty: bool = False,
+    metadata: DatasetMetadata | None = None,
+) -> tuple[list[dict[str, Any]], DatasetMetadata]:
+    """Parse a COCO panoptic json into records.
+
+    Record: ``file_name`` (image), ``pan_seg_file_name`` (PNG), ``image_id``, ``height``, ``width``,
+    ``segments_info`` (list of ``{"id", "category_id" (contiguous), "iscrowd", "isthing"}``).
+    The image's ``file_name`` is the annotation's with the image extension of the ``images`` record.
+    """
+    json_path, png_dir, image_root = Path(json_path), Path(png_dir), Path(image_root)
+    data = read_json(json_path)
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise ValueError(f"{json_path}: missing top-level key '{key}'")
+    if metadata is None:
+        metadata = DatasetMetadata.from_coco_categories(data["categories"], str(json_path))
+    to_contig = metadata.dataset_to_contiguous
+    images = {}
+    for img in data["images"]:
+        for key in ("id", "file_name", "height", "width"):
+            if key not in img:
+                raise ValueError(f"{json_path}: image record {img.get('id', '?')} has no '{key}'")
+        images[int(img["id"])] = img
+    records = []
+    for ann in data["annotations"]:
+        iid = ann.get("image_id", "?")
+        where = f"{json_path}: annotation of image id {iid}"
+        for key in ("image_id", "file_name", "segments_info"):
+            if key not in ann:
+                raise ValueError(f"{where}: missing '{key}'")
+        img = images.get(int(ann["image_id"]))
+        if img is None:
+            raise ValueError(f"{where}: refers to unknown image id")
+        segs = []
+        for s in ann["segments_info"]:
+            sw = f"{where}: segment id {s.get('id', '?')}"
+            for key in ("id", "category_id"):
+                if key not in s:
+                    raise ValueError(f"{sw}: missing '{key}'")
+            if int(s["category_id"]) not in to_contig:
+                raise ValueError(f"{sw}: unknown category id {s['category_id']}")
+            k = to_contig[int(s["category_id"])]
+            segs.append(
+                {
+                    "id": int(s["id"]),
+                    "category_id": k,
+                    "iscrowd": int(s.get("iscrowd", 0)),
+                    "isthing": bool(metadata.isthing[k]),
+                }
+            )
+        records.append(
+            {
+                "file_name": str(image_root / img["file_name"]),
+                "pan_seg_file_name": str(png_dir / ann["file_name"]),
+                "image_id": int(ann["image_id"]),
+                "height": int(img["height"]),
+                "width": int(img["width"]),
+                "segments_info": segs,
+            }
+        )
+    if filter_empty:
+        records = [r for r in records if any(s["iscrowd"] == 0 for s in r["segments_info"])]
+    return records, metadata
+
+
+def panoptic_to_targets(
+    ids: np.ndarray, segments_info: list[dict[str, Any]], where: str = ""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Segment-id map (H, W) -> (masks bool (n, H, W) of non-crowd segments, labels (n,), sem_seg uint8 (H, W)).
+
+    Pixels of ids not listed in ``segments_info`` (0 = void) are 255 in the semantic map.
+    A listed segment without any pixel is an error (the json and PNG do not belong together).
+    """
+    sem = np.full(ids.shape, SEM_SEG_IGNORE, dtype=np.uint8)
+    masks, labels = [], []
+    for s in segments_info:
+        m = ids == s["id"]
+        if not m.any():
+            raise ValueError(f"{where}: segment id {s['id']} has no pixels in the PNG")
+        sem[m] = s["category_id"]
+        if s["iscrowd"]:
+            continue
+        masks.append(m)
+        labels.append(s["category_id"])
+    h, w = ids.shape
+    mask_arr = np.stack(masks) if masks else np.zeros((0, h, w), dtype=bool)
+    return mask_arr, np.asarray(labels, dtype=np.int64), sem
+
+
+class PanopticDataset(torch.utils.data.Dataset):
+    """Samples like :class:`~maskdino.data.coco.InstanceDataset` plus ``sem_seg`` (int64 (H, W), 255 = void)
+    and the record's ``pan_seg_file_name``/``segments_info`` (for panoptic evaluation)."""
+
+    def __init__(self, records: list[dict[str, Any]], metadata: DatasetMetadata, transform=None) -> None:
+        self.records = records
+        self.metadata = metadata
+        self.transform = transform
+        if metadata.num_classes > 255:
+            raise ValueError("PanopticDataset: more than 255 classes do not fit the uint8 semantic map")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _load(self, rec: dict[str, Any]) -> dict[str, Any]:
+        image = read_image(rec["file_name"])
+        h, w = image.shape[-2:]
+        ids = read_panoptic_png(rec["pan_seg_file_name"])
+        if ids.shape != (h, w):
+            raise ValueError(f"{rec['pan_seg_file_name']}: PNG is {ids.shape[::-1]} but the image is {(w, h)}")
+        masks, labels, sem = panoptic_to_targets(ids, rec["segments_info"], rec["pan_seg_file_name"])
+        masks_t = torch.from_numpy(masks)
+        return {
+            "image": tv_tensors.Image(image),
+            "boxes": tv_tensors.BoundingBoxes(masks_to_boxes(masks_t), format="XYXY", canvas_size=(h, w)),
+            "masks": tv_tensors.Mask(masks_t),
+            "labels": torch.from_numpy(labels),
+            "sem_seg": tv_tensors.Mask(torch.from_numpy(sem)),
+        }
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        seed = None
+        if isinstance(index, tuple | list):
+            index, seed = int(index[0]), int(index[1])
+        rec = self.records[index]
+        return finalize_sample(apply_seeded(self.transform, self._load(rec), seed), rec)

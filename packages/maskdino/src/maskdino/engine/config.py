@@ -1,0 +1,403 @@
+"""Experiment configuration: model + data + solver + train settings, loadable from YAML with strict keys.
+
+An experiment starts from a named base (``get_experiment(name)``: every model preset has one; ``tiny``
+is the CPU demo on the synthetic dataset) and is changed by a YAML file and/or ``key=value`` overrides::
+
+    # my_experiment.yaml
+    base: coco-instance-r50-3s-d1-2048     # optional; default: the official R50 COCO instance recipe
+    data: {train_json: /data/coco/annotations/instances_train2017.json, ...}
+    solver: {base_lr: 2.0e-4}
+    train: {ims_per_batch: 8, max_iter: 90000}
+
+Unknown keys at any depth are errors that name the full dotted key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from maskdino.config import PRESETS as MODEL_PRESETS
+from maskdino.config import ConfigError, MaskDINOConfig, get_preset
+
+__all__ = [
+    "DataConfig",
+    "ExperimentConfig",
+    "SolverConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "get_experiment",
+    "list_experiments",
+    "load_experiment",
+]
+
+DATASET_KINDS = ("synthetic", "coco_instance", "coco_panoptic", "semantic")
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it is augmented.
+
+    ``kind``:
+      - ``synthetic``: generated under ``root`` (``maskdino synth``) if absent; panoptic-style targets
+        (things + stuff), evaluated with box/mask AP (things), PQ and mIoU.
+      - ``coco_instance``: ``train_json``/``train_images``, ``val_json``/``val_images``.
+      - ``coco_panoptic``: as instance plus ``train_panoptic``/``val_panoptic`` (PNG folders);
+        ``val_instances_json`` (optional) enables box/mask AP.
+      - ``semantic``: ADE20K-style ``train_images``/``train_labels``, ``val_images``/``val_labels``.
+    """
+
+    kind: str = "coco_instance"
+    root: str = "datasets/coco"
+    train_json: str | None = "datasets/coco/annotations/instances_train2017.json"
+    train_images: str | None = "datasets/coco/train2017"
+    train_panoptic: str | None = None
+    train_labels: str | None = None
+    val_json: str | None = "datasets/coco/annotations/instances_val2017.json"
+    val_images: str | None = "datasets/coco/val2017"
+    val_panoptic: str | None = None
+    val_labels: str | None = None
+    val_instances_json: str | None = None
+    class_names: list[str] = field(default_factory=list)
+    # synthetic generator parameters (kind = synthetic)
+    synthetic_seed: int = 0
+    synthetic_train: int = 200
+    synthetic_val: int = 50
+    synthetic_size: int = 128
+    # augmentation (LSJ) and test-time resize
+    image_size: int = 1024
+    min_scale: float = 0.1
+    max_scale: float = 2.0
+    flip_prob: float = 0.5
+    test_short_edge: int = 800
+    test_max_size: int = 1333
+    filter_empty: bool = True
+    num_workers: int = 4
+    #: evaluate on at most this many val images (None = all).
+    max_val_images: int | None = None
+
+
+@dataclass
+class SolverConfig:
+    """Optimizer, LR schedule, clipping, AMP (official MaskDINO defaults)."""
+
+    optimizer: str = "adamw"
+    base_lr: float = 1e-4
+    weight_decay: float = 0.05
+    #: weight decay of normalisation parameters (SOLVER.WEIGHT_DECAY_NORM).
+    weight_decay_norm: float = 0.0
+    #: weight decay of nn.Embedding weights (SOLVER.WEIGHT_DECAY_EMBED).
+    weight_decay_embed: float = 0.0
+    #: LR multiplier of parameters under ``backbone.`` (SOLVER.BACKBONE_MULTIPLIER).
+    backbone_multiplier: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    #: learning-rate schedule: ``multistep`` (official) or ``cosine``.
+    lr_scheduler: str = "multistep"
+    steps: list[int] = field(default_factory=lambda: [327778, 355092])
+    gamma: float = 0.1
+    warmup_iters: int = 10
+    warmup_factor: float = 1.0
+    #: full-model gradient clipping: L2 norm of all gradients together (0 = off).
+    clip_value: float = 0.01
+    clip_norm_type: float = 2.0
+    #: mixed precision: on CUDA float16 autocast + GradScaler; on CPU only when ``amp_dtype`` is bfloat16.
+    amp: bool = True
+    amp_dtype: str = "float16"
+
+
+@dataclass
+class TrainConfig:
+    max_iter: int = 368750
+    #: images per optimizer step, all ranks and accumulation steps together (detectron2 IMS_PER_BATCH).
+    ims_per_batch: int = 16
+    #: gradient accumulation: micro-batches per optimizer step.
+    accumulate: int = 1
+    seed: int = 42
+    output_dir: str = "outputs/train"
+    eval_period: int = 5000
+    checkpoint_period: int = 5000
+    log_period: int = 20
+    #: stop cleanly (checkpoint, then evaluation) after this many seconds of training (None = no limit).
+    time_budget_s: float | None = None
+    #: with a time budget: multiply the learning rate by ``solver.gamma`` once this fraction of the budget has
+    #: passed (an iteration-based step would never be reached when the budget ends training first).
+    budget_lr_drop: float | None = None
+    #: weights to start from (our checkpoint, a state dict, or an official checkpoint).
+    init_weights: str | None = None
+    device: str = "auto"
+    find_unused_parameters: bool = True
+    #: keep the last N periodic checkpoints (0 = all).
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    model: MaskDINOConfig = field(default_factory=MaskDINOConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExperimentConfig:
+        """Strict: unknown keys (at any depth) raise :class:`ConfigError` naming the dotted key."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"experiment config must be a mapping, got {type(d).__name__}")
+        unknown = set(d) - {"model", "data", "solver", "train"}
+        if unknown:
+            raise ConfigError(f"unknown config key {sorted(unknown)[0]!r}")
+        model = d.get("model", {})
+        try:
+            model_cfg = MaskDINOConfig.from_dict(model)
+        except ConfigError as e:
+            raise ConfigError(f"model: {e}") from None
+        cfg = cls(
+            model=model_cfg,
+            data=_from_dict(DataConfig, d.get("data", {}), "data."),
+            solver=_from_dict(SolverConfig, d.get("solver", {}), "solver."),
+            train=_from_dict(TrainConfig, d.get("train", {}), "train."),
+        )
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.data.kind not in DATASET_KINDS:
+            raise ConfigError(f"data.kind = {self.data.kind!r}; expected one of {list(DATASET_KINDS)}")
+        if self.solver.lr_scheduler not in ("multistep", "cosine"):
+            raise ConfigError(f"solver.lr_scheduler = {self.solver.lr_scheduler!r}; expected multistep or cosine")
+        if self.solver.amp_dtype not in ("float16", "bfloat16"):
+            raise ConfigError(f"solver.amp_dtype = {self.solver.amp_dtype!r}; expected float16 or bfloat16")
+        if self.solver.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"solver.optimizer = {self.solver.optimizer!r}; expected adamw or sgd")
+        if self.train.accumulate < 1 or self.train.ims_per_batch < 1 or self.train.max_iter < 0:
+            raise ConfigError("train.accumulate and train.ims_per_batch must be >= 1, train.max_iter >= 0")
+        if self.train.ims_per_batch % self.train.accumulate:
+            raise ConfigError(
+                f"train.ims_per_batch ({self.train.ims_per_batch}) must be divisible by train.accumulate "
+                f"({self.train.accumulate})"
+            )
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else tp), type(None) in args
+    return tp, False
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    base, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: None is not allowed")
+    if typing.get_origin(base) is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(base)
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if base is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _from_dict(cls: type, d: Any, prefix: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix.rstrip('.')}: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in d.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix + key!r}")
+        kwargs[key] = _coerce(hints[key], value, prefix + key)
+    return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------ experiments
+def _demo_experiment() -> ExperimentConfig:
+    """The tiny preset on the synthetic shapes, sized for a 2-core CPU (``maskdino demo``)."""
+    model = get_preset("tiny")
+    model.num_classes = 5  # circle, square, triangle (things) + sky, grass (stuff)
+    model.inference.thing_classes = [0, 1, 2]
+    model.inference.instance_on = True
+    model.inference.panoptic_on = True
+    model.inference.semantic_on = True
+    data = DataConfig(
+        kind="synthetic",
+        root="outputs/demo/data",
+        train_json=None,
+        train_images=None,
+        val_json=None,
+        val_images=None,
+        synthetic_train=400,
+        synthetic_val=50,
+        synthetic_size=128,
+        image_size=128,
+        min_scale=0.8,
+        max_scale=1.25,
+        test_short_edge=128,
+        test_max_size=128,
+        num_workers=0,
+    )
+    # From-scratch training (no ImageNet weights are downloaded): the backbone learns at the full rate.
+    solver = SolverConfig(
+        base_lr=4e-4,
+        backbone_multiplier=1.0,
+        steps=[3000],
+        warmup_iters=50,
+        warmup_factor=0.01,
+        clip_value=1.0,
+        amp=False,
+    )
+    train = TrainConfig(
+        max_iter=4000,
+        ims_per_batch=4,
+        seed=0,
+        output_dir="outputs/demo/train",
+        eval_period=0,
+        checkpoint_period=500,
+        log_period=10,
+        time_budget_s=None,
+        budget_lr_drop=0.8,
+        keep_checkpoints=1,
+    )
+    return ExperimentConfig(model=model, data=data, solver=solver, train=train)
+
+
+def _coco_experiment(model_preset: str) -> ExperimentConfig:
+    model = get_preset(model_preset)
+    cfg = ExperimentConfig(model=model)
+    if "panoptic" in model_preset:
+        cfg.data = DataConfig(
+            kind="coco_panoptic",
+            train_json="datasets/coco/annotations/panoptic_train2017.json",
+            train_images="datasets/coco/train2017",
+            train_panoptic="datasets/coco/panoptic_train2017",
+            val_json="datasets/coco/annotations/panoptic_val2017.json",
+            val_images="datasets/coco/val2017",
+            val_panoptic="datasets/coco/panoptic_val2017",
+            val_instances_json="datasets/coco/annotations/instances_val2017.json",
+        )
+    elif "ade20k" in model_preset:
+        # configs/ade20k/semantic-segmentation: 160k iterations, batch 16, crop 512, LSJ-free "semantic" mapper
+        # (we use LSJ at 512), test shorter side 512.
+        cfg.data = DataConfig(
+            kind="semantic",
+            root="datasets/ADEChallengeData2016",
+            train_json=None,
+            val_json=None,
+            train_images="datasets/ADEChallengeData2016/images/training",
+            train_labels="datasets/ADEChallengeData2016/annotations/training",
+            val_images="datasets/ADEChallengeData2016/images/validation",
+            val_labels="datasets/ADEChallengeData2016/annotations/validation",
+            image_size=512,
+            min_scale=0.5,
+            max_scale=2.0,
+            test_short_edge=512,
+            test_max_size=2048,
+        )
+        cfg.train.max_iter = 160000
+        cfg.solver.steps = [135000, 150000]
+    return cfg
+
+
+def list_experiments() -> list[str]:
+    return sorted(MODEL_PRESETS)
+
+
+def get_experiment(name: str) -> ExperimentConfig:
+    """The named experiment: ``tiny`` = the CPU demo; every other model preset = its official recipe."""
+    if name == "tiny":
+        cfg = _demo_experiment()
+    elif name in MODEL_PRESETS:
+        cfg = _coco_experiment(name)
+    else:
+        raise ConfigError(f"unknown experiment {name!r}; available: {list_experiments()} or a .yaml/.json file")
+    cfg.validate()
+    return copy.deepcopy(cfg)
+
+
+def _deep_merge(base: dict[str, Any], upd: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = dict(base)
+    for k, v in upd.items():
+        if k not in out:
+            raise ConfigError(f"unknown config key {prefix + k!r}")
+        if isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = _deep_merge(out[k], v, prefix + k + ".")
+        else:
+            out[k] = v
+    return out
+
+
+def load_experiment(spec: str) -> ExperimentConfig:
+    """A preset name, or a YAML/JSON file (optionally with ``base: PRESET``; default base: the R50 COCO recipe)."""
+    path = Path(spec)
+    if path.suffix.lower() not in (".yaml", ".yml", ".json"):
+        return get_experiment(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    data = json.loads(text) if path.suffix.lower() == ".json" else (yaml.safe_load(text) or {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = data.pop("base", "coco-instance-r50-3s-d1-2048")
+    merged = _deep_merge(get_experiment(base).to_dict(), data)
+    try:
+        return ExperimentConfig.from_dict(merged)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def apply_overrides(cfg: ExperimentConfig, opts: list[str]) -> ExperimentConfig:
+    """Apply ``key=value`` overrides (dotted keys, YAML values: ``train.max_iter=100``, ``solver.steps=[50,80]``)."""
+    d = cfg.to_dict()
+    for opt in opts:
+        if "=" not in opt:
+            raise ConfigError(f"override {opt!r} is not of the form key=value")
+        key, raw = opt.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = d
+        parts = key.strip().split(".")
+        for i, p in enumerate(parts[:-1]):
+            if not isinstance(node, dict) or p not in node:
+                raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r}")
+            node = node[p]
+        if not isinstance(node, dict) or parts[-1] not in node:
+            raise ConfigError(f"unknown config key {key!r}")
+        if isinstance(node[parts[-1]], str) and value is not None and not isinstance(value, str):
+            value = raw  # YAML would read `dn=no` as False: a string field keeps the text as written
+        node[parts[-1]] = value
+    return ExperimentConfig.from_dict(d)
