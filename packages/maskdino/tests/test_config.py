@@ -83,3 +83,39 @@ def test_get_preset_returns_copies():
     assert get_preset("tiny").decoder.num_queries == 50
     with pytest.raises(ConfigError, match="unknown preset"):
         get_preset("nope")
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"decoder": 3}, "decoder: expected a mapping, got int"),
+        ([1], "<root>: expected a mapping, got list"),
+        ({"loss": {"train_num_points": 1.5}}, "loss.train_num_points: expected an integer, got 1.5"),
+        ({"inference": {"thing_classes": [0, True]}}, r"inference.thing_classes\[1\]: expected an integer, got True"),
+        ({"pixel_std": "1,2,3"}, "pixel_std: expected a list, got '1,2,3'"),
+        ({"backbone": {"name": None}}, "backbone.name: None is not allowed"),
+    ],
+)
+def test_type_errors_name_the_dotted_key(bad, message):
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        MaskDINOConfig.from_dict(bad)
+
+
+def test_ints_accepted_for_float_fields_and_optional_none():
+    cfg = MaskDINOConfig.from_dict({"loss": {"class_weight": 3}, "backbone": {"weights": None}})
+    assert cfg.loss.class_weight == 3.0 and isinstance(cfg.loss.class_weight, float)
+    assert cfg.backbone.weights is None
+
+
+def test_unsupported_file_type(tmp_path):
+    with pytest.raises(ConfigError, match="unsupported config file type '.toml'"):
+        save_config(get_preset("tiny"), tmp_path / "c.toml")
+    (tmp_path / "c.toml").write_text("")
+    with pytest.raises(ConfigError, match="unsupported config file type"):
+        load_config(tmp_path / "c.toml")
+
+
+def test_empty_yaml_is_the_default_config(tmp_path):
+    path = tmp_path / "empty.yml"
+    path.write_text("")
+    assert load_config(path) == MaskDINOConfig()

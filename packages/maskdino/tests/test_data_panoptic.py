@@ -121,6 +121,9 @@ def test_ade_mapping_and_loader(tmp_path):
     Image.fromarray(np.full((8, 6), 9, np.uint8)).save(tmp_path / "labels" / "a.png")
     with pytest.raises(ValueError, match="a.png: label 9 exceeds the 5 classes"):
         SemanticDataset(recs, meta)[0]
+    Image.fromarray(np.zeros((6, 8), np.uint8)).save(tmp_path / "labels" / "a.png")
+    with pytest.raises(ValueError, match=r"a.png: label is \(8, 6\) but the image is \(6, 8\)"):
+        SemanticDataset(recs, meta)[0]
     (tmp_path / "labels" / "a.png").unlink()
     with pytest.raises(FileNotFoundError, match="no label PNG for image"):
         load_sem_seg(tmp_path / "images", tmp_path / "labels", num_classes=5)
@@ -165,3 +168,10 @@ def test_synthetic_deterministic_and_consistent(tmp_path):
             # semantic PNGs == the semantic map derived from panoptic (no void pixels in the synthetic data)
             assert torch.equal(ss["sem_seg"], sp["sem_seg"]) and (ss["sem_seg"] != 255).all()
             assert len(si["instances"]["labels"]) >= 1
+
+
+def test_panoptic_png_of_wrong_size_is_named(tmp_path):
+    recs, meta = load_coco_panoptic(_make_panoptic(tmp_path), tmp_path / "pan", tmp_path / "img")
+    Image.fromarray(np.zeros((30, 20, 3), np.uint8)).save(tmp_path / "pan" / "x.png")
+    with pytest.raises(ValueError, match=r"x.png: PNG is \(20, 30\) but the image is \(30, 20\)"):
+        PanopticDataset(recs, meta)[0]

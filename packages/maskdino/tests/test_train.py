@@ -110,6 +110,30 @@ def test_config_yaml_strict_and_overrides(tmp_path):
         get_experiment("nope")
 
 
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_experiment_save_load_round_trip(tmp_path, suffix):
+    cfg = apply_overrides(get_experiment("tiny"), ["train.max_iter=9", "model.decoder.num_queries=12"])
+    path = tmp_path / f"exp{suffix}"
+    cfg.save(path)
+    assert load_experiment(str(path)) == cfg
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"model": {"decoder": {"n_queries": 7}}}, "unknown config key 'model.decoder.n_queries'"),
+        ({"optimizer": {}}, "unknown config key 'optimizer'"),
+        ({"solver": 1}, "solver: expected a mapping, got int"),
+        ({"solver": {"steps": [1, "2"]}}, r"solver.steps\[1\]: expected an integer, got '2'"),
+        ({"model": {"decoder": {"dn": "yes"}}}, r"model: decoder.dn = 'yes'; expected one of \['no', 'seg'\]"),
+        ({"train": {"ims_per_batch": 3, "accumulate": 2}}, r"train.ims_per_batch \(3\) must be divisible"),
+    ],
+)
+def test_experiment_from_dict_is_strict(bad, message):
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        ExperimentConfig.from_dict(bad)
+
+
 def test_param_groups_follow_official_rules():
     from maskdino.model import build_model
 

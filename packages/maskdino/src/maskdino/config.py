@@ -13,13 +13,11 @@ for YAML (``.yaml``/``.yml``) and JSON (``.json``).
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+# ConfigError lives with the shared (de)serialisation helpers; re-exported here as part of the public API.
+from maskdino._dataclass_io import ConfigError, DictConfig, read_config_file, write_config_file
 
 __all__ = [
     "PRESETS",
@@ -36,10 +34,6 @@ __all__ = [
 ]
 
 _RES = ["res2", "res3", "res4", "res5"]
-
-
-class ConfigError(ValueError):
-    """An invalid configuration (unknown key, wrong type or inconsistent values)."""
 
 
 @dataclass
@@ -153,8 +147,8 @@ class InferenceConfig:
 
 
 @dataclass
-class MaskDINOConfig:
-    """Whole-model configuration."""
+class MaskDINOConfig(DictConfig):
+    """Whole-model configuration; ``to_dict`` / strict ``from_dict`` come from :class:`DictConfig`."""
 
     num_classes: int = 80
     pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
@@ -169,22 +163,6 @@ class MaskDINOConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
-
-    # ------------------------------------------------------------------ (de)serialisation
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (JSON/YAML-serialisable)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MaskDINOConfig:
-        """Strict inverse of :meth:`to_dict`; missing keys keep their defaults.
-
-        Raises:
-            ConfigError: unknown key (named with its full dotted path) or a value of the wrong type.
-        """
-        cfg = _from_dict(cls, d, "")
-        cfg.validate()
-        return cfg
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on inconsistent values."""
@@ -214,92 +192,14 @@ class MaskDINOConfig:
             raise ConfigError("num_classes must be >= 1")
 
 
-def _strip_optional(tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0] if len(args) == 1 else tp
-    return tp
-
-
-def _check_value(tp: Any, value: Any, key: str) -> Any:
-    if value is None:
-        if type(None) in typing.get_args(tp):
-            return None
-        raise ConfigError(f"{key}: None is not allowed")
-    base = _strip_optional(tp)
-    origin = typing.get_origin(base)
-    if origin is list:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
-        (item_tp,) = typing.get_args(base)
-        return [_check_value(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if base is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected bool, got {value!r}")
-        return value
-    if base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected int, got {value!r}")
-        return value
-    if base is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected float, got {value!r}")
-        return float(value)
-    if base is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected str, got {value!r}")
-        return value
-    return value
-
-
-def _from_dict(cls: type, d: Any, prefix: str) -> Any:
-    if not isinstance(d, dict):
-        raise ConfigError(f"{prefix or '<root>'}: expected a mapping, got {type(d).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in d.items():
-        dotted = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"unknown config key {dotted!r}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _from_dict(tp, value, dotted + ".")
-        else:
-            kwargs[key] = _check_value(tp, value, dotted)
-    return cls(**kwargs)
-
-
 def load_config(path: str | Path) -> MaskDINOConfig:
     """Read a config from ``.yaml``/``.yml`` or ``.json`` (strict, see :meth:`MaskDINOConfig.from_dict`)."""
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    elif path.suffix.lower() == ".json":
-        data = json.loads(text)
-    else:
-        raise ConfigError(f"unsupported config file type {path.suffix!r} (use .yaml, .yml or .json)")
-    return MaskDINOConfig.from_dict(data)
+    return MaskDINOConfig.from_dict(read_config_file(path))
 
 
 def save_config(cfg: MaskDINOConfig, path: str | Path) -> None:
     """Write ``cfg`` as YAML or JSON (by suffix)."""
-    path = Path(path)
-    data = cfg.to_dict()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        text = yaml.safe_dump(data, sort_keys=False)
-    elif path.suffix.lower() == ".json":
-        text = json.dumps(data, indent=2)
-    else:
-        raise ConfigError(f"unsupported config file type {path.suffix!r} (use .yaml, .yml or .json)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_config_file(cfg.to_dict(), path)
 
 
 # ---------------------------------------------------------------------------------------------- presets

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from maskdino.data.coco import DatasetMetadata, finalize_sample, read_image
-from maskdino.data.transforms import SEM_SEG_IGNORE, apply_seeded, masks_to_boxes
+from maskdino.data.coco import DatasetMetadata, RecordDataset, read_image_and_map
+from maskdino.data.transforms import SEM_SEG_IGNORE, masks_to_boxes
 
 __all__ = ["SemanticDataset", "ade_label_to_contiguous", "load_sem_seg", "read_label_png"]
 
@@ -70,23 +70,12 @@ def load_sem_seg(
     return records, meta
 
 
-class SemanticDataset(torch.utils.data.Dataset):
+class SemanticDataset(RecordDataset):
     """Samples with ``sem_seg`` (int64 (H, W), 255 = ignore) and per-class ``instances``."""
 
-    def __init__(self, records: list[dict[str, Any]], metadata: DatasetMetadata, transform=None) -> None:
-        self.records = records
-        self.metadata = metadata
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.records)
-
     def _load(self, rec: dict[str, Any]) -> dict[str, Any]:
-        image = read_image(rec["file_name"])
-        h, w = image.shape[-2:]
-        raw = read_label_png(rec["sem_seg_file_name"])
-        if raw.shape != (h, w):
-            raise ValueError(f"{rec['sem_seg_file_name']}: label is {raw.shape[::-1]} but the image is {(w, h)}")
+        image, raw = read_image_and_map(rec, "sem_seg_file_name", read_label_png, "label")
+        h, w = raw.shape
         if raw.max(initial=0) > self.metadata.num_classes:
             raise ValueError(
                 f"{rec['sem_seg_file_name']}: label {int(raw.max())} exceeds the {self.metadata.num_classes} classes"
@@ -101,16 +90,12 @@ class SemanticDataset(torch.utils.data.Dataset):
             "labels": torch.zeros(0, dtype=torch.int64),
         }
 
-    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
-        seed = None
-        if isinstance(index, tuple | list):
-            index, seed = int(index[0]), int(index[1])
-        rec = self.records[index]
-        sample = apply_seeded(self.transform, self._load(rec), seed)
+    def _after_transform(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """One target per class present in the transformed ``sem_seg`` (boxes from its mask)."""
         sem = sample["sem_seg"].as_subclass(torch.Tensor).long()
         classes = [int(c) for c in torch.unique(sem) if int(c) != SEM_SEG_IGNORE]
         masks = torch.stack([sem == c for c in classes]) if classes else torch.zeros((0, *sem.shape), dtype=torch.bool)
         sample["masks"] = tv_tensors.Mask(masks)
         sample["labels"] = torch.tensor(classes, dtype=torch.int64)
         sample["boxes"] = tv_tensors.BoundingBoxes(masks_to_boxes(masks), format="XYXY", canvas_size=tuple(sem.shape))
-        return finalize_sample(sample, rec)
+        return sample

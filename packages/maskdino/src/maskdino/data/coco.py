@@ -16,6 +16,7 @@ Record layout (all coordinates in original image pixels)::
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,13 @@ from torchvision import tv_tensors
 __all__ = [
     "DatasetMetadata",
     "InstanceDataset",
+    "RecordDataset",
     "decode_segmentation",
+    "iter_image_records",
     "load_coco_instances",
+    "read_coco_json",
     "read_image",
+    "read_image_and_map",
     "read_json",
 ]
 
@@ -148,6 +153,22 @@ def read_image(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
+def read_image_and_map(
+    rec: dict[str, Any], map_key: str, read_map: Callable[[str], np.ndarray], what: str
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Read ``rec["file_name"]`` and the per-pixel annotation map ``read_map(rec[map_key])``.
+
+    Returns the image (3, H, W) uint8 and the map (H, W). Raises ValueError naming the map file (described
+    as ``what``) when its size is not the image's: the two files do not belong together.
+    """
+    image = read_image(rec["file_name"])
+    h, w = image.shape[-2:]
+    pixel_map = read_map(rec[map_key])
+    if pixel_map.shape != (h, w):
+        raise ValueError(f"{rec[map_key]}: {what} is {pixel_map.shape[::-1]} but the image is {(w, h)}")
+    return image, pixel_map
+
+
 def decode_segmentation(segm: Any, height: int, width: int, where: str = "") -> np.ndarray:
     """Decode a COCO segmentation (polygon list, uncompressed or compressed RLE) into a bool (H, W) mask.
 
@@ -201,6 +222,34 @@ def _check_bbox(bbox: Any, where: str) -> list[float]:
     return [x, y, w, h]
 
 
+def read_coco_json(
+    json_path: Path, metadata: DatasetMetadata | None = None
+) -> tuple[dict[str, Any], DatasetMetadata]:
+    """Read a COCO (instance or panoptic) json, check its top-level keys, and get the class mapping.
+
+    Returns the parsed json and ``metadata``, or, when that is None, the metadata of the json's categories.
+    """
+    data = read_json(json_path)
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise ValueError(f"{json_path}: missing top-level key '{key}'")
+    if metadata is None:
+        metadata = DatasetMetadata.from_coco_categories(data["categories"], str(json_path))
+    return data, metadata
+
+
+def iter_image_records(data: dict[str, Any], json_path: Path) -> Iterator[dict[str, Any]]:
+    """The json's ``images`` entries, each checked for ``id``, ``file_name``, ``height`` and ``width``.
+
+    Lazy, so that a caller's own per-image checks (e.g. duplicate ids) keep their order with these.
+    """
+    for img in data["images"]:
+        for key in ("id", "file_name", "height", "width"):
+            if key not in img:
+                raise ValueError(f"{json_path}: image record {img.get('id', '?')} has no '{key}'")
+        yield img
+
+
 def load_coco_instances(
     json_path: str | Path,
     image_root: str | Path,
@@ -222,19 +271,11 @@ def load_coco_instances(
     """
     json_path = Path(json_path)
     image_root = Path(image_root)
-    data = read_json(json_path)
-    for key in ("images", "annotations", "categories"):
-        if key not in data:
-            raise ValueError(f"{json_path}: missing top-level key '{key}'")
-    if metadata is None:
-        metadata = DatasetMetadata.from_coco_categories(data["categories"], str(json_path))
+    data, metadata = read_coco_json(json_path, metadata)
     to_contig = metadata.dataset_to_contiguous
 
     records: dict[int, dict[str, Any]] = {}
-    for img in data["images"]:
-        for key in ("id", "file_name", "height", "width"):
-            if key not in img:
-                raise ValueError(f"{json_path}: image record {img.get('id', '?')} has no '{key}'")
+    for img in iter_image_records(data, json_path):
         iid = int(img["id"])
         if iid in records:
             raise ValueError(f"{json_path}: duplicate image id {iid}")
@@ -281,7 +322,44 @@ def load_coco_instances(
     return out, metadata
 
 
-class InstanceDataset(torch.utils.data.Dataset):
+class RecordDataset(torch.utils.data.Dataset):
+    """Base of the datasets over per-image records: ``self._load(record)`` reads the tv_tensors sample,
+    the (optionally seeded) transform runs, then :meth:`_after_transform` and :func:`finalize_sample`.
+
+    An index may be ``(index, seed)``: the transform then runs under ``torch.manual_seed(seed)`` so the
+    augmentation of a sample depends only on the sampler's stream (exact resume, DDP equivalence).
+    """
+
+    #: target boxes = tight boxes of the transformed masks (see :func:`finalize_sample`).
+    box_from_mask: bool = True
+
+    def __init__(self, records: list[dict[str, Any]], metadata: DatasetMetadata, transform=None) -> None:
+        self.records = records
+        self.metadata = metadata
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _load(self, rec: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _after_transform(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """Hook for targets that must be derived after the geometric transform (default: none)."""
+        return sample
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        from maskdino.data.transforms import apply_seeded
+
+        seed = None
+        if isinstance(index, tuple | list):
+            index, seed = int(index[0]), int(index[1])
+        rec = self.records[index]
+        sample = self._after_transform(apply_seeded(self.transform, self._load(rec), seed))
+        return finalize_sample(sample, rec, self.box_from_mask)
+
+
+class InstanceDataset(RecordDataset):
     """Images and instance targets from records made by :func:`load_coco_instances`.
 
     ``__getitem__`` returns a dict with ``image`` (tv_tensors.Image uint8 (3, H, W), after the transform),
@@ -297,13 +375,8 @@ class InstanceDataset(torch.utils.data.Dataset):
     def __init__(
         self, records: list[dict[str, Any]], metadata: DatasetMetadata, transform=None, box_from_mask: bool = True
     ) -> None:
-        self.records = records
-        self.metadata = metadata
-        self.transform = transform
+        super().__init__(records, metadata, transform)
         self.box_from_mask = box_from_mask
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def _load(self, rec: dict[str, Any]) -> dict[str, Any]:
         image = read_image(rec["file_name"])
@@ -331,16 +404,6 @@ class InstanceDataset(torch.utils.data.Dataset):
             "masks": tv_tensors.Mask(torch.from_numpy(masks)),
             "labels": labels,
         }
-
-    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
-        from maskdino.data.transforms import apply_seeded
-
-        seed = None
-        if isinstance(index, tuple | list):
-            index, seed = int(index[0]), int(index[1])
-        rec = self.records[index]
-        sample = apply_seeded(self.transform, self._load(rec), seed)
-        return finalize_sample(sample, rec, self.box_from_mask)
 
 
 def finalize_sample(sample: dict[str, Any], rec: dict[str, Any], box_from_mask: bool = True) -> dict[str, Any]:

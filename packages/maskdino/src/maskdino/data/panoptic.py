@@ -15,8 +15,14 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from maskdino.data.coco import DatasetMetadata, finalize_sample, read_image, read_json
-from maskdino.data.transforms import SEM_SEG_IGNORE, apply_seeded, masks_to_boxes
+from maskdino.data.coco import (
+    DatasetMetadata,
+    RecordDataset,
+    iter_image_records,
+    read_coco_json,
+    read_image_and_map,
+)
+from maskdino.data.transforms import SEM_SEG_IGNORE, masks_to_boxes
 
 __all__ = ["PanopticDataset", "id2rgb", "load_coco_panoptic", "read_panoptic_png", "rgb2id"]
 
@@ -58,19 +64,9 @@ def load_coco_panoptic(
     The image's ``file_name`` is the annotation's with the image extension of the ``images`` record.
     """
     json_path, png_dir, image_root = Path(json_path), Path(png_dir), Path(image_root)
-    data = read_json(json_path)
-    for key in ("images", "annotations", "categories"):
-        if key not in data:
-            raise ValueError(f"{json_path}: missing top-level key '{key}'")
-    if metadata is None:
-        metadata = DatasetMetadata.from_coco_categories(data["categories"], str(json_path))
+    data, metadata = read_coco_json(json_path, metadata)
     to_contig = metadata.dataset_to_contiguous
-    images = {}
-    for img in data["images"]:
-        for key in ("id", "file_name", "height", "width"):
-            if key not in img:
-                raise ValueError(f"{json_path}: image record {img.get('id', '?')} has no '{key}'")
-        images[int(img["id"])] = img
+    images = {int(img["id"]): img for img in iter_image_records(data, json_path)}
     records = []
     for ann in data["annotations"]:
         iid = ann.get("image_id", "?")
@@ -137,26 +133,18 @@ def panoptic_to_targets(
     return mask_arr, np.asarray(labels, dtype=np.int64), sem
 
 
-class PanopticDataset(torch.utils.data.Dataset):
+class PanopticDataset(RecordDataset):
     """Samples like :class:`~maskdino.data.coco.InstanceDataset` plus ``sem_seg`` (int64 (H, W), 255 = void)
     and the record's ``pan_seg_file_name``/``segments_info`` (for panoptic evaluation)."""
 
     def __init__(self, records: list[dict[str, Any]], metadata: DatasetMetadata, transform=None) -> None:
-        self.records = records
-        self.metadata = metadata
-        self.transform = transform
+        super().__init__(records, metadata, transform)
         if metadata.num_classes > 255:
             raise ValueError("PanopticDataset: more than 255 classes do not fit the uint8 semantic map")
 
-    def __len__(self) -> int:
-        return len(self.records)
-
     def _load(self, rec: dict[str, Any]) -> dict[str, Any]:
-        image = read_image(rec["file_name"])
-        h, w = image.shape[-2:]
-        ids = read_panoptic_png(rec["pan_seg_file_name"])
-        if ids.shape != (h, w):
-            raise ValueError(f"{rec['pan_seg_file_name']}: PNG is {ids.shape[::-1]} but the image is {(w, h)}")
+        image, ids = read_image_and_map(rec, "pan_seg_file_name", read_panoptic_png, "PNG")
+        h, w = ids.shape
         masks, labels, sem = panoptic_to_targets(ids, rec["segments_info"], rec["pan_seg_file_name"])
         masks_t = torch.from_numpy(masks)
         return {
@@ -166,10 +154,3 @@ class PanopticDataset(torch.utils.data.Dataset):
             "labels": torch.from_numpy(labels),
             "sem_seg": tv_tensors.Mask(torch.from_numpy(sem)),
         }
-
-    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
-        seed = None
-        if isinstance(index, tuple | list):
-            index, seed = int(index[0]), int(index[1])
-        rec = self.records[index]
-        return finalize_sample(apply_seeded(self.transform, self._load(rec), seed), rec)

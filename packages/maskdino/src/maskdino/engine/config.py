@@ -15,16 +15,13 @@ Unknown keys at any depth are errors that name the full dotted key.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from maskdino._dataclass_io import CONFIG_SUFFIXES, DictConfig, read_config_file, write_config_file
 from maskdino.config import PRESETS as MODEL_PRESETS
 from maskdino.config import ConfigError, MaskDINOConfig, get_preset
 
@@ -141,38 +138,19 @@ class TrainConfig:
 
 
 @dataclass
-class ExperimentConfig:
+class ExperimentConfig(DictConfig):
+    """Model + data + solver + train; ``to_dict`` / strict ``from_dict`` come from :class:`DictConfig`."""
+
     model: MaskDINOConfig = field(default_factory=MaskDINOConfig)
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ExperimentConfig:
-        """Strict: unknown keys (at any depth) raise :class:`ConfigError` naming the dotted key."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"experiment config must be a mapping, got {type(d).__name__}")
-        unknown = set(d) - {"model", "data", "solver", "train"}
-        if unknown:
-            raise ConfigError(f"unknown config key {sorted(unknown)[0]!r}")
-        model = d.get("model", {})
+    def validate(self) -> None:
         try:
-            model_cfg = MaskDINOConfig.from_dict(model)
+            self.model.validate()
         except ConfigError as e:
             raise ConfigError(f"model: {e}") from None
-        cfg = cls(
-            model=model_cfg,
-            data=_from_dict(DataConfig, d.get("data", {}), "data."),
-            solver=_from_dict(SolverConfig, d.get("solver", {}), "solver."),
-            train=_from_dict(TrainConfig, d.get("train", {}), "train."),
-        )
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
         if self.data.kind not in DATASET_KINDS:
             raise ConfigError(f"data.kind = {self.data.kind!r}; expected one of {list(DATASET_KINDS)}")
         if self.solver.lr_scheduler not in ("multistep", "cosine"):
@@ -190,60 +168,8 @@ class ExperimentConfig:
             )
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-
-def _strip_optional(tp: Any) -> tuple[Any, bool]:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        rest = [a for a in args if a is not type(None)]
-        return (rest[0] if len(rest) == 1 else tp), type(None) in args
-    return tp, False
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    base, optional = _strip_optional(tp)
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{key}: None is not allowed")
-    if typing.get_origin(base) is list:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(base)
-        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if base is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if base is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if base is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-def _from_dict(cls: type, d: Any, prefix: str) -> Any:
-    if not isinstance(d, dict):
-        raise ConfigError(f"{prefix.rstrip('.')}: expected a mapping, got {type(d).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in d.items():
-        if key not in names:
-            raise ConfigError(f"unknown config key {prefix + key!r}")
-        kwargs[key] = _coerce(hints[key], value, prefix + key)
-    return cls(**kwargs)
+        """Write as YAML (``.yaml``/``.yml``) or JSON (``.json``), readable by :func:`load_experiment`."""
+        write_config_file(self.to_dict(), path)
 
 
 # ------------------------------------------------------------------------------------------ experiments
@@ -365,12 +291,11 @@ def _deep_merge(base: dict[str, Any], upd: dict[str, Any], prefix: str = "") -> 
 def load_experiment(spec: str) -> ExperimentConfig:
     """A preset name, or a YAML/JSON file (optionally with ``base: PRESET``; default base: the R50 COCO recipe)."""
     path = Path(spec)
-    if path.suffix.lower() not in (".yaml", ".yml", ".json"):
+    if path.suffix.lower() not in CONFIG_SUFFIXES:
         return get_experiment(spec)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text()
-    data = json.loads(text) if path.suffix.lower() == ".json" else (yaml.safe_load(text) or {})
+    data = read_config_file(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     base = data.pop("base", "coco-instance-r50-3s-d1-2048")
