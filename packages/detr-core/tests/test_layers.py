@@ -333,3 +333,32 @@ def test_xavier_init_deformable_keeps_the_attention_init():
     w = enc.layers[0].linear1.weight
     assert w.abs().max() <= bound and w.abs().max() > 0.5 * bound
     assert isinstance(attn, MSDeformAttn)
+
+
+def test_post_norm_ffn_cpu_inference_path_matches_autograd_path():
+    # the chunked, in-place inference path (several chunks + a partial one) gives the same values as the plain one
+    from detr_core import layers
+
+    torch.manual_seed(0)
+    layer = DeformableEncoderLayer(**_kw()).eval()
+    x = torch.randn(2, layers._FFN_CHUNK_ROWS + 7, C)
+
+    def run():
+        return layers.post_norm_ffn(
+            x, layer.linear1, layer.activation, layer.dropout2, layer.linear2, layer.dropout3, layer.norm2
+        )
+
+    expected = layer.norm2(x + layer.linear2(torch.relu(layer.linear1(x))))
+    with torch.enable_grad():
+        slow = run()
+    with torch.inference_mode():
+        fast = run()
+    torch.testing.assert_close(slow.detach(), expected.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(fast, expected.detach(), atol=1e-6, rtol=0)
+    # dropout in training mode must keep the general path (random masks) even without autograd
+    layer = DeformableEncoderLayer(**(_kw() | {"dropout": 0.5})).train()
+    with torch.no_grad():
+        noisy = run()
+    layer.eval()
+    with torch.no_grad():
+        assert not torch.allclose(noisy, run())

@@ -98,6 +98,33 @@ def test_resnet_padding_exact():
         assert (b[name][:, :, h:] == 0).all() and (b[name][:, :, :, w:] == 0).all()
 
 
+@pytest.mark.parametrize("depth", [18, 50])
+def test_resnet_inference_fold_matches_module_graph(depth):
+    # without autograd the frozen norms are folded into the convolutions (and run channels-last on CPU); the
+    # features must equal the plain module graph's, padded batches (the padding-aware path) included
+    torch.manual_seed(0)
+    net = ResNetBackbone(depth=depth).eval()
+    for m in net.modules():  # non-trivial frozen statistics, so that the fold is really exercised
+        if type(m).__name__ == "FrozenBatchNorm2d":
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, 0.1)
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 64, 96)
+    sizes = torch.tensor([[64, 96], [40, 70]])
+    for image_sizes in (None, sizes):
+        with torch.enable_grad():
+            assert not net._can_fold()
+            expected = net(x, image_sizes)
+        with torch.no_grad():
+            assert net._can_fold()
+            got = net(x, image_sizes)
+        for name in expected:
+            assert got[name].is_contiguous()
+            scale = expected[name].abs().max()
+            torch.testing.assert_close(got[name] / scale, expected[name].detach() / scale, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize(
     "in_features, total, order, strides",
     [

@@ -88,9 +88,12 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(n, q, m, lv * p).softmax(-1).view(n, q, m, lv, p)
         if reference_points.shape[-1] == 2:
             normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets.dtype)
-            locations = (
-                reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-            )
+            # ref + offsets / normalizer, with both small operands expanded over (levels, points, xy) first:
+            # a broadcast whose innermost dim is 2 runs element by element (~6x slower on CPU); same values.
+            k = lv * p * 2
+            norm_rep = normalizer[:, None, :].expand(lv, p, 2).reshape(k)
+            ref_rep = reference_points[:, :, None, :, None, :].expand(n, q, 1, lv, p, 2).reshape(n, q, 1, k)
+            locations = (ref_rep + offsets.reshape(n, q, m, k) / norm_rep).view(n, q, m, lv, p, 2)
         elif reference_points.shape[-1] == 4:
             locations = (
                 reference_points[:, :, None, :, None, :2]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -63,6 +64,20 @@ def _zero_padding(x: Tensor, image_sizes: Tensor | None, stride: int) -> Tensor:
         return x
     pad = padding_mask(image_sizes, x.shape[-2:], stride)
     return x.masked_fill(pad[:, None], 0.0)
+
+
+def _conv_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor, fold: bool) -> Tensor:
+    """``bn(conv(x))``; with ``fold`` (a FrozenBatchNorm2d, no autograd) the frozen affine map is folded into
+    the convolution's weight and bias, so the normalisation costs no extra pass over the activation (two full
+    passes and two fresh buffers per layer otherwise). Equal up to float rounding of ``weight * scale``."""
+    if not fold:
+        return bn(conv(x))
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    weight = conv.weight * scale[:, None, None, None]
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 _DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101"}
@@ -143,37 +158,71 @@ class ResNetBackbone(nn.Module):
         Returns:
             ``{"res2": (B, C2, H/4, W/4), ..., "res5": (B, C5, H/32, W/32)}`` (only ``out_features``).
         """
-        x = self.relu(self.bn1(self.conv1(x)))
-        # zero the padding before the pool (a window at the border must not see padded activations) and
-        # after it (a padded output whose window reaches back into the image is not zero)
-        x = _zero_padding(self.maxpool(_zero_padding(x, image_sizes, 2)), image_sizes, 4)
+        fold = self._can_fold()
+        # CPU inference runs the convolutions channels-last (oneDNN's native layout: ~20% less backbone time
+        # at 800x1216); the outputs are returned in the default layout, so nothing downstream changes.
+        channels_last = fold and x.device.type == "cpu"
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = _conv_bn(self.conv1, self.bn1, x, fold)
+        x = x.relu_() if fold else self.relu(x)
+        if image_sizes is not None:
+            # zero the padding before the pool (a window at the border must not see padded activations) and
+            # after it (a padded output whose window reaches back into the image is not zero)
+            x = _zero_padding(self.maxpool(_zero_padding(x, image_sizes, 2)), image_sizes, 4)
+        else:
+            x = self.maxpool(x)
         out = {}
         stride = 4
         for i, layer in enumerate([self.layer1, self.layer2, self.layer3, self.layer4]):
             if i > 0:
                 stride *= 2
             for block in layer:
-                x = self._block(block, x, image_sizes, stride)
+                x = self._block(block, x, image_sizes, stride, fold)
             name = f"res{i + 2}"
             if name in self.out_features:
-                out[name] = x
+                out[name] = x.contiguous() if channels_last else x
         return out
 
+    def _can_fold(self) -> bool:
+        """Fold the frozen norms into the convolutions: inference (no autograd) with FrozenBatchNorm2d only.
+        Not under torch.compile/export, which trace the plain module graph."""
+        return (
+            not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and isinstance(self.bn1, FrozenBatchNorm2d)
+        )
+
     @staticmethod
-    def _block(block: nn.Module, x: Tensor, image_sizes: Tensor | None, stride: int) -> Tensor:
-        """One residual block; ``x`` is already zero outside the valid region (at ``stride`` of its input)."""
-        if image_sizes is None:
+    def _block(
+        block: nn.Module, x: Tensor, image_sizes: Tensor | None, stride: int, fold: bool = False
+    ) -> Tensor:
+        """One residual block; ``x`` is already zero outside the valid region (at ``stride`` of its input).
+
+        Without ``image_sizes`` (nothing padded) no padding work is done at all; ``fold`` (inference) folds
+        the frozen norms into the convolutions and runs the ReLUs and the residual sum in place.
+        """
+        if image_sizes is None and not fold:
             return block(x)
-        identity = x if block.downsample is None else block.downsample(x)
+
+        def zero(t: Tensor, s: int) -> Tensor:
+            return t if image_sizes is None else _zero_padding(t, image_sizes, s)
+
+        def relu(t: Tensor) -> Tensor:
+            return t.relu_() if fold else block.relu(t)
+
+        ds = block.downsample
+        identity = x if ds is None else _conv_bn(ds[0], ds[1], x, fold)
         if isinstance(block, Bottleneck):
-            out = block.relu(block.bn1(block.conv1(x)))
-            out = _zero_padding(out, image_sizes, stride // block.conv2.stride[0])
-            out = block.relu(block.bn2(block.conv2(out)))
-            out = block.bn3(block.conv3(out))
+            out = relu(_conv_bn(block.conv1, block.bn1, x, fold))
+            out = zero(out, stride // block.conv2.stride[0])
+            out = relu(_conv_bn(block.conv2, block.bn2, out, fold))
+            out = _conv_bn(block.conv3, block.bn3, out, fold)
         elif isinstance(block, BasicBlock):
-            out = block.relu(block.bn1(block.conv1(x)))
-            out = _zero_padding(out, image_sizes, stride)
-            out = block.bn2(block.conv2(out))
+            out = relu(_conv_bn(block.conv1, block.bn1, x, fold))
+            out = zero(out, stride)
+            out = _conv_bn(block.conv2, block.bn2, out, fold)
         else:  # pragma: no cover - torchvision only has these two
             raise TypeError(type(block))
-        return _zero_padding(block.relu(out + identity), image_sizes, stride)
+        out = out.add_(identity) if fold else out + identity
+        return zero(relu(out), stride)
