@@ -315,7 +315,11 @@ class Trainer:
                     self._write_metrics({"iteration": self.iteration, **row})
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{row['total_loss']:.3f}", lr=f"{row['lr']:.2e}", refresh=False)
+                    postfix = {"loss": f"{row['total_loss']:.3f}", "lr": f"{row['lr']:.2e}"}
+                    if t.time_budget_s is not None:
+                        # tqdm's ETA counts max_iter; with a time budget the budget usually ends the run first
+                        postfix["budget_left"] = f"{max(0.0, t.time_budget_s - (time.perf_counter() - start)):.0f}s"
+                    bar.set_postfix(postfix, refresh=False)
                 if t.checkpoint_period and self.iteration % t.checkpoint_period == 0 and self.iteration < max_iter:
                     self.save(f"model_{self.iteration:07d}.pth")
                 if t.eval_period and self.iteration % t.eval_period == 0 and self.iteration < max_iter:
