@@ -89,7 +89,7 @@ def _zero_pad(x: Tensor, pad: Tensor | None) -> Tensor:
     return x if pad is None else x.masked_fill(pad[:, None], 0.0)
 
 
-def _c2_xavier_fill(conv: nn.Conv2d) -> None:
+def c2_xavier_fill(conv: nn.Conv2d) -> None:
     # detectron2's c2_xavier_fill: kaiming_uniform with a=1 (Caffe2 "XavierFill"), zero bias
     nn.init.kaiming_uniform_(conv.weight, a=1)
     if conv.bias is not None:
@@ -106,7 +106,7 @@ class ConvNorm(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
         self.norm = nn.GroupNorm(num_groups, out_channels)
         self.relu = relu
-        _c2_xavier_fill(self)
+        c2_xavier_fill(self)
 
     def forward(self, x: Tensor, pad: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """``x (B, Cin, H, W)`` -> ``(B, Cout, H, W)``; ``pad (B, H, W)`` restricts GN statistics."""
@@ -228,7 +228,7 @@ class MaskDINOPixelDecoder(nn.Module):
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
         self.mask_dim = cfg.mask_dim
         self.mask_features = nn.Conv2d(conv_dim, cfg.mask_dim, kernel_size=1)
-        _c2_xavier_fill(self.mask_features)
+        c2_xavier_fill(self.mask_features)
 
         self.num_fpn_levels = max(
             int(math.log2(min(self.transformer_strides)) - math.log2(self.common_stride)), 1

@@ -20,6 +20,7 @@ from detr_core.layers import MLP, xavier_init_deformable_
 from .config import DecoderConfig
 from .denoising import prepare_denoising
 from .mask_enhanced_init import mask_enhanced_anchors
+from .pixel_decoder import c2_xavier_fill
 from .query_selection import select_queries
 
 __all__ = ["MaskDINOPredictor"]
@@ -77,8 +78,7 @@ class MaskDINOPredictor(nn.Module):
         for _ in range(num_feature_levels):
             if in_channels != hidden or cfg.enforce_input_proj:
                 conv = nn.Conv2d(in_channels, hidden, kernel_size=1)
-                nn.init.kaiming_uniform_(conv.weight, a=1)
-                nn.init.zeros_(conv.bias)
+                c2_xavier_fill(conv)
                 self.input_proj.append(conv)
             else:
                 self.input_proj.append(nn.Identity())
