@@ -8,13 +8,7 @@ import torch
 from maskdino.config import get_preset
 from maskdino.model import build_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class InferenceGraph(torch.nn.Module):

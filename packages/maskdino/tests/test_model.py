@@ -54,14 +54,7 @@ def images(sizes, seed=0):
 SIZES = [(64, 96), (48, 64)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: with several test processes sharing 2 cores, intra-op threads only spin-wait
-    # (a training step goes from ~1 s to ~20 s). Restored afterwards for other modules.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ from maskdino.mask_enhanced_init import bitmask_boxes, mask2box_boxes, mask_enha
 from maskdino.model import build_model
 from maskdino.pixel_decoder import MaskDINOPixelDecoder, masked_group_norm, replicate_outside
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_masked_group_norm_equals_group_norm_of_the_crop():
