@@ -93,7 +93,8 @@ class MSDeformAttn(nn.Module):
             k = lv * p * 2
             norm_rep = normalizer[:, None, :].expand(lv, p, 2).reshape(k)
             ref_rep = reference_points[:, :, None, :, None, :].expand(n, q, 1, lv, p, 2).reshape(n, q, 1, k)
-            locations = (ref_rep + offsets.reshape(n, q, m, k) / norm_rep).view(n, q, m, lv, p, 2)
+            # addcdiv: one pass and one buffer instead of two, same rounding as the separate div and add
+            locations = torch.addcdiv(ref_rep, offsets.reshape(n, q, m, k), norm_rep).view(n, q, m, lv, p, 2)
         elif reference_points.shape[-1] == 4:
             locations = (
                 reference_points[:, :, None, :, None, :2]
