@@ -34,6 +34,7 @@ from detr_core.position_encoding import PositionEmbeddingSine
 
 from .backbone.resnet import ShapeSpec, padding_mask, valid_sizes
 from .config import PixelDecoderConfig
+from .winograd import conv2d_inference
 
 __all__ = [
     "ConvNorm",
@@ -59,7 +60,7 @@ def masked_group_norm(x: Tensor, gn: nn.GroupNorm, pad: Tensor | None) -> Tensor
         return gn(x)
     b, c, h, w = x.shape
     g = gn.num_groups
-    xg = x.view(b, g, c // g, h, w)
+    xg = x.reshape(b, g, c // g, h, w)  # a copy for a channels-last x
     valid = (~pad).to(x.dtype)[:, None, None]  # (B, 1, 1, H, W)
     count = valid.sum(dim=(2, 3, 4), keepdim=True).clamp(min=1.0) * (c // g)
     mean = (xg * valid).sum(dim=(2, 3, 4), keepdim=True) / count
@@ -110,7 +111,7 @@ class ConvNorm(nn.Conv2d):
 
     def forward(self, x: Tensor, pad: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """``x (B, Cin, H, W)`` -> ``(B, Cout, H, W)``; ``pad (B, H, W)`` restricts GN statistics."""
-        y = masked_group_norm(super().forward(x), self.norm, pad)
+        y = masked_group_norm(conv2d_inference(self, x), self.norm, pad)
         return F.relu(y) if self.relu else y
 
 
@@ -296,7 +297,7 @@ class MaskDINOPixelDecoder(nn.Module):
             srcs, pads = extra[::-1] + srcs, extra_pads[::-1] + pads
 
         flat = flatten_levels(srcs, pads)
-        b, shapes = flat.tokens.shape[0], flat.shapes
+        shapes = flat.shapes
         areas = [h * w for h, w in shapes]
         # each level's sine embedding (of that level's map and padding) + its level embedding
         pos_flat = torch.cat(
@@ -318,8 +319,11 @@ class MaskDINOPixelDecoder(nn.Module):
             spatial_shapes_list=shapes,
         )
 
+        # (B, h*w, C) tokens viewed as channels-last (B, C, h, w) maps: no copy, and the layout the following
+        # convolutions, the bilinear upsampling and the decoder's re-flattening all want
         out = [
-            z.transpose(1, 2).reshape(b, -1, h, w) for z, (h, w) in zip(memory.split(areas, dim=1), shapes)
+            z.unflatten(1, (h, w)).permute(0, 3, 1, 2)
+            for z, (h, w) in zip(memory.split(areas, dim=1), shapes)
         ]
         multi_scale = out[: self.total_num_feature_levels]
         high = out[self.high_resolution_index]
