@@ -11,6 +11,10 @@ The reference op is swapped in by monkeypatching ``deform_attn.modules.ms_deform
 (``maskdino.model.postprocess_image``); "other" = pre-processing and glue. Times are medians over
 ``--repeat`` runs after one warm-up run (the fastest run is printed as well).
 
+Like the ``maskdino`` command line, the benchmark first calls ``maskdino.allocator.retain_freed_memory`` (glibc
+malloc keeps freed memory for reuse instead of page-faulting it in again); ``--default-malloc`` measures with
+glibc's defaults instead.
+
 With a CUDA device, also images/s of ``predict`` in float32 and under bfloat16 autocast (compiled op only).
 
 Usage::
@@ -35,6 +39,7 @@ import torch
 import deform_attn
 import deform_attn.modules
 import maskdino.model as maskdino_model
+from maskdino.allocator import retain_freed_memory
 from maskdino.config import get_preset
 from maskdino.model import build_model
 
@@ -155,7 +160,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-reference", action="store_true", help="skip the pure-PyTorch op run")
     parser.add_argument("--no-cpu", action="store_true", help="only the CUDA measurements")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default malloc settings (the CLI, like this benchmark by default, calls "
+        "maskdino.allocator.retain_freed_memory)",
+    )
     args = parser.parse_args()
+    malloc = "glibc defaults" if args.default_malloc else "retain_freed_memory"
+    if not args.default_malloc and not retain_freed_memory():
+        malloc = "defaults (retain_freed_memory does not apply here)"
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -167,7 +181,7 @@ def main() -> None:
     h, w = args.size
     image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(0)) * 255.0
     print(f"preset {args.preset}: {n_params:,} parameters, {n_keys} state-dict keys")
-    print(f"{deform_attn.build_info()}; {torch.get_num_threads()} CPU threads")
+    print(f"{deform_attn.build_info()}; {torch.get_num_threads()} CPU threads; malloc: {malloc}")
     print(f"image {h}x{w}, batch 1, median of {args.repeat} run(s) after 1 warm-up; seconds")
 
     # On a shared machine wall time depends on the other processes: print the load and the process CPU time
