@@ -54,13 +54,18 @@ def winograd_applies(
 
 
 def to_contiguous_nchw(x: Tensor) -> Tensor:
-    """``x (B, C, H, W)`` in the default (NCHW) layout. A channels-last ``x`` is transposed as ``B`` matrices
-    ``(H*W, C) -> (C, H*W)``: ~3x faster on CPU than the generic 4-d permuted copy of ``x.contiguous()``."""
+    """``x (B, C, H, W)`` in the default (NCHW) layout. A channels-last ``x`` is transposed one image at a time
+    as a matrix ``(H*W, C) -> (C, H*W)``: PyTorch's 2-d transposed copy is ~3x faster on CPU than the generic
+    permuted copy that ``x.contiguous()`` (or a batched 3-d transpose) makes (20 vs 60 ms at 256x200x304)."""
     if x.is_contiguous():
         return x
     if x.is_contiguous(memory_format=torch.channels_last):
         b, c, h, w = x.shape
-        return x.permute(0, 2, 3, 1).reshape(b, h * w, c).transpose(1, 2).contiguous().view(b, c, h, w)
+        rows = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view
+        out = torch.empty((b, c, h, w), dtype=x.dtype, device=x.device)
+        for i in range(b):
+            out[i].view(c, h * w).copy_(rows[i].t())
+        return out
     return x.contiguous()
 
 
