@@ -284,6 +284,41 @@ def test_padding_invariance():
     assert (la2[0] - lb2[0]).abs().max() > 1e-3
 
 
+def test_padding_invariance_swin_backbone_runs_each_image_at_its_own_size(monkeypatch):
+    # Swin cannot mask padding (its windows mix it into the image's tokens): in padding-aware mode each image runs
+    # through the backbone at the size it has alone, so the prediction is again the same alone or in a batch
+    cfg = tiny_cfg()
+    cfg.backbone.name = "swin_t"
+    torch.manual_seed(0)
+    m = build_model(cfg).eval()
+    small, big, big2 = images([(70, 90), (100, 128), (128, 100)], seed=4)
+    calls = []
+    real_forward = m.backbone.forward
+    monkeypatch.setattr(m.backbone, "forward", lambda x, *a: calls.append(tuple(x.shape)) or real_forward(x, *a))
+    with torch.no_grad():
+        ba, sa = m.preprocess([small])
+        bb, sb = m.preprocess([small, big, big2])
+        la, ma, xa = m.inference_forward(ba, sa)
+        lb, mb, xb = m.inference_forward(bb, sb)
+    # alone (96x96), then the batch: the small image at 96x96, the two others together at 128x128
+    assert calls == [(1, 3, 96, 96), (1, 3, 96, 96), (2, 3, 128, 128)]
+    torch.testing.assert_close(la[0], lb[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(xa[0], xb[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(ma[0, :, :18, :23], mb[0, :, :18, :23], atol=1e-4, rtol=0)
+    # the others equal their own unpadded runs too
+    with torch.no_grad():
+        lc, _, _ = m.inference_forward(*m.preprocess([big]))
+    torch.testing.assert_close(lc[0], lb[1], atol=1e-4, rtol=0)
+
+    # a training step through the per-size path reaches every trainable backbone parameter
+    m.train()
+    targets = make_targets([(70, 90), (100, 128)], [1, 2])
+    losses = m([small, big], targets)
+    sum(losses.values()).backward()
+    missing = [n for n, p in m.backbone.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing[:5]
+
+
 def test_unpadded_batch_skips_padding_work_with_same_outputs(monkeypatch):
     # nothing padded: the network runs without image_sizes (no masked fills / masked GroupNorms) and must give
     # what the padding-aware graph gives with all-False masks

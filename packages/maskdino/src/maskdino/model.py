@@ -120,9 +120,42 @@ class MaskDINO(nn.Module):
 
     # ------------------------------------------------------------------------------------ network
     def _backbone(self, batch: Tensor, image_sizes: Tensor | None) -> dict[str, Tensor]:
-        if image_sizes is not None and getattr(self.backbone, "supports_padding_mask", False):
+        if image_sizes is None:
+            return self.backbone(batch)
+        if getattr(self.backbone, "supports_padding_mask", False):
             return self.backbone(batch, image_sizes)
-        return self.backbone(batch)
+        return self._backbone_at_own_sizes(batch, image_sizes)
+
+    def _backbone_at_own_sizes(self, batch: Tensor, image_sizes: Tensor) -> dict[str, Tensor]:
+        """Padding-exact features from a backbone that cannot mask padding (Swin: its windows would mix the
+        batch padding into the image's tokens).
+
+        Each image runs at the size it would have alone (its own size rounded up to ``size_divisibility``),
+        images of equal size together; each feature map is zero-filled beyond that (the pixel decoder masks it).
+
+        Args:
+            batch: ``(B, 3, Hp, Wp)``. image_sizes: ``(B, 2)`` unpadded ``(h, w)``.
+
+        Returns:
+            ``{name: (B, C, Hp / stride, Wp / stride)}``.
+        """
+        d = max(self.size_divisibility, 1)
+        own = ((image_sizes + d - 1) // d * d).tolist()
+        hp, wp = int(batch.shape[-2]), int(batch.shape[-1])
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (h, w) in enumerate(own):
+            groups.setdefault((min(h, hp), min(w, wp)), []).append(i)
+        if list(groups) == [(hp, wp)]:
+            return self.backbone(batch)
+        out: dict[str, Tensor] = {}
+        for (h, w), idx in groups.items():
+            rows = batch[idx, :, :h, :w] if len(idx) < batch.shape[0] else batch[:, :, :h, :w]
+            for name, f in self.backbone(rows).items():
+                if name not in out:
+                    stride = h // f.shape[-2]
+                    out[name] = f.new_zeros(batch.shape[0], f.shape[1], hp // stride, wp // stride)
+                out[name][idx, :, : f.shape[-2], : f.shape[-1]] = f
+        return out
 
     def network(
         self, batch: Tensor, image_sizes: Tensor | None = None, targets: list[dict] | None = None

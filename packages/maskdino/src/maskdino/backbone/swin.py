@@ -420,7 +420,8 @@ class SwinTransformer(nn.Module):
 
     @property
     def supports_padding_mask(self) -> bool:
-        # Windows mix padded and valid tokens (as the official model does); no padding-exact mode.
+        # Windows would mix padded and valid tokens (as they do in the official model): the padding-aware model
+        # instead runs each image at its own size (MaskDINO._backbone_at_own_sizes).
         return False
 
     def freeze(self, freeze_at: int) -> None:
@@ -439,7 +440,7 @@ class SwinTransformer(nn.Module):
         Args:
             x: ``(B, 3, H, W)`` normalised image batch (any H, W; padded internally).
             image_sizes: accepted for interface parity with the ResNet backbone and ignored: padding is
-                treated as image content, as in the official model.
+                treated as image content, as in the official model (the padding-aware model never passes it).
 
         Returns:
             ``{"res2": (B, C, ceil(H/4), ceil(W/4)), ..., "res5": (B, 8C, ~H/32, ~W/32)}`` for the
