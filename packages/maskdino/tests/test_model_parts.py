@@ -6,8 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
+from detr_core.box_ops import inverse_sigmoid
 from detr_core.matcher import PointMaskCost
 from maskdino.backbone import ResNetBackbone, padding_mask
 from maskdino.config import PixelDecoderConfig, get_preset
@@ -60,6 +63,32 @@ def test_mask_to_box_conversions():
     masks[3, 4, 7] = True
     torch.testing.assert_close(bitmask_boxes(masks), _loop_boxes(masks, True, [0.0, 0.0, 0.0, 0.0]))
     torch.testing.assert_close(mask2box_boxes(masks), _loop_boxes(masks, False, [1e8, 1e8, 0.0, 0.0]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    b=st.integers(1, 2),
+    q=st.integers(1, 4),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+    density=st.sampled_from([0.0, 0.05, 0.5, 1.0]),
+    box_type=st.sampled_from(["bitmask", "mask2box"]),
+    seed=st.integers(0, 2**16),
+)
+def test_mask_enhanced_anchors_match_the_masks_boxes(b, q, h, w, density, box_type, seed):
+    # the unpadded path (max-reductions of the logits) and the padded path (bool map) against a per-mask loop
+    g = torch.Generator().manual_seed(seed)
+    sign = torch.where(torch.rand(b, q, h, w, generator=g) < density, 1.0, -1.0)
+    logits = sign * torch.rand(b, q, h, w, generator=g)
+    plus_one, empty = (True, [0.0, 0.0, 0.0, 0.0]) if box_type == "bitmask" else (False, [1e8, 1e8, 0.0, 0.0])
+    boxes = _loop_boxes((logits > 0).flatten(0, 1), plus_one, empty)
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2 / w, (boxes[:, 1] + boxes[:, 3]) / 2 / h
+    bw, bh = (boxes[:, 2] - boxes[:, 0]) / w, (boxes[:, 3] - boxes[:, 1]) / h
+    expected = inverse_sigmoid(torch.stack([cx, cy, bw, bh], -1)).view(b, q, 4)
+    no_pad = mask_enhanced_anchors(logits, box_type, None)
+    all_valid = mask_enhanced_anchors(logits, box_type, torch.zeros(b, h, w, dtype=torch.bool))
+    torch.testing.assert_close(no_pad, all_valid, atol=0, rtol=0)
+    torch.testing.assert_close(no_pad, expected, atol=1e-4, rtol=0)
 
 
 def test_mask_enhanced_anchors_normalise_by_valid_size():
