@@ -111,6 +111,28 @@ def test_instance_topk_query_can_appear_twice_and_score_formula():
     assert inst.labels.dtype == torch.int64
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_instance_inference_equals_official_formula_with_many_repeated_queries(seed):
+    # the official code: top-k over (query, class), masks = logits > 0 of each pair's query, score = prob x mean
+    # sigmoid inside; here most queries are picked for several classes, across chunk boundaries
+    g = torch.Generator().manual_seed(seed)
+    q, c, k = 7, 5, 23
+    cls = torch.randn(q, c, generator=g) * 3
+    masks = torch.randn(q, 9, 11, generator=g) * 2
+    masks[3] = -1.0  # an empty mask
+    boxes = torch.rand(q, 4, generator=g)
+    inst = instance_inference(cls, masks, boxes, top_k=k)
+    probs, flat = cls.sigmoid().flatten().topk(k)
+    qi = flat // c
+    binary = masks[qi] > 0
+    quality = (masks[qi].sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+    assert len(set(qi.tolist())) < k  # repeats really happen
+    assert torch.equal(inst.masks, binary)
+    assert torch.equal(inst.labels, flat % c)
+    torch.testing.assert_close(inst.boxes, boxes[qi])
+    torch.testing.assert_close(inst.scores, probs * quality, atol=1e-6, rtol=1e-6)
+
+
 def test_instance_topk_larger_than_pairs_and_thing_filter():
     cls = torch.tensor([[2.0, -1.0], [0.0, 1.0]])
     masks = torch.ones(2, 2, 2)
