@@ -9,10 +9,7 @@ Reference: the same step with ``deform_attn.ms_deform_attn_reference`` (pure PyT
 dispatching ``ms_deform_attn`` (compiled kernel when built). Each measurement runs in a fresh subprocess so that
 peak RSS (CPU) / peak CUDA memory belong to that configuration alone.
 
-    /work/venv/bin/python benchmarks/bench_train.py [--quick] [--threads N] [--default-malloc]
-
-Like ``maskdino train``, each child process first calls ``maskdino.allocator.retain_freed_memory``
-(``--default-malloc``: glibc's defaults).
+    /work/venv/bin/python benchmarks/bench_train.py [--quick] [--threads N]
 """
 
 from __future__ import annotations
@@ -60,10 +57,6 @@ def child(spec: dict) -> dict:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    if not spec.get("default_malloc"):
-        from maskdino.allocator import retain_freed_memory
-
-        retain_freed_memory()  # as `maskdino train` does
     if spec["reference"]:
         modules.ms_deform_attn = deform_attn.ms_deform_attn_reference
     exp = get_experiment(spec["preset"])
@@ -124,11 +117,6 @@ def main() -> None:
     ap.add_argument("--child")
     ap.add_argument("--quick", action="store_true", help="tiny preset only")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
-    ap.add_argument(
-        "--default-malloc",
-        action="store_true",
-        help="glibc's default malloc settings (default: maskdino.allocator.retain_freed_memory, like the CLI)",
-    )
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -136,8 +124,7 @@ def main() -> None:
     import torch
 
     threads = args.threads or torch.get_num_threads()
-    malloc = "glibc defaults" if args.default_malloc else "retain_freed_memory"
-    print(f"torch {torch.__version__}, {threads} CPU threads, malloc: {malloc}, CUDA: {torch.cuda.is_available()}")
+    print(f"torch {torch.__version__}, {threads} CPU threads, CUDA: {torch.cuda.is_available()}")
     print(f"{'configuration':26s} {'op':10s} {'it/s':>8s} {'s/it':>8s} {'peak RSS MiB':>13s} {'peak CUDA MiB':>14s}")
     for spec in CONFIGS[:1] if args.quick else CONFIGS:
         if spec["device"] == "cuda" and not torch.cuda.is_available():
@@ -145,7 +132,7 @@ def main() -> None:
             continue
         results = {}
         for reference in (False, True):
-            r = run({**spec, "threads": args.threads, "default_malloc": args.default_malloc}, reference)
+            r = run({**spec, "threads": args.threads}, reference)
             results[reference] = r
             cuda_mem = f"{r['peak_cuda_mib']:14.0f}" if "peak_cuda_mib" in r else f"{'-':>14s}"
             op = "reference" if reference else "default"

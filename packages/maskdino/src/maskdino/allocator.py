@@ -8,7 +8,9 @@ top of the heap is trimmed, so the next tensor of the same size page-faults all 
 faults nothing in.
 
 This changes the whole process's allocator, so the library never does it on its own: the command line
-(``maskdino predict/eval/demo``) and the benchmarks call :func:`retain_freed_memory`; applications opt in
+(``maskdino predict`` and ``maskdino eval``) and the inference benchmark call :func:`retain_freed_memory`;
+training does not (it gains nothing measurable at the demo's 128 px: 1.65 vs 1.66 it/s, and a long run over
+many image sizes would keep a fragmented peak heap); applications opt in
 the same way (or start Python with ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...``,
 or preload jemalloc/tcmalloc, which do the same). The cost: the process keeps its peak memory instead of
 returning it to the system between images, plus some fragmentation (peak RSS of the 800x1216 R50 forward:

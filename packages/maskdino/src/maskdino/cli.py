@@ -245,10 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from maskdino.config import ConfigError
 
-    if args.command in ("train", "eval", "predict", "demo"):
+    if args.command in ("eval", "predict"):
         from maskdino.allocator import retain_freed_memory
 
-        # a process that runs the model: reuse freed CPU memory instead of page-faulting it in again
+        # inference processes: reuse freed CPU memory instead of page-faulting it in again for every image.
+        # Not for training: long runs with many image sizes would keep a fragmented peak heap for no gain.
         retain_freed_memory()
 
     try:
