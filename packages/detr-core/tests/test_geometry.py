@@ -30,6 +30,31 @@ def test_iou_and_giou_hand_values():
     assert torch.allclose(giou, torch.tensor([[1 / 7 - 2 / 9, -0.5]]))
 
 
+def test_giou_with_epsilon_hand_values_and_default_is_torchvision():
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0]], dtype=torch.float64)
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [4.0, 0.0, 5.0, 1.0]], dtype=torch.float64)
+    eps = 0.5  # large, so that the hand values differ visibly from plain GIoU
+    got = box_ops.generalized_box_iou(a, b, eps=eps)
+    # inter / (union + eps) - (hull - union) / (hull + eps): (1, 7, 9) and (0, 5, 10)
+    expected = torch.tensor([[1 / 7.5 - 2 / 9.5, 0.0 - 5 / 10.5]], dtype=torch.float64)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(20, 2, generator=g)
+    boxes1 = torch.cat([xy, xy + torch.rand(20, 2, generator=g) * 0.02], 1)  # 0-2% boxes: eps matters
+    boxes2 = boxes1[torch.randperm(20, generator=g)[:7]] + 0.001
+    torch.testing.assert_close(
+        box_ops.generalized_box_iou(boxes1, boxes2), torchvision.ops.generalized_box_iou(boxes1, boxes2)
+    )
+    # the element-wise loss with the same eps is 1 - the diagonal of the pairwise form
+    e = 1e-6
+    pair = box_ops.generalized_box_iou(boxes1[:7], boxes2, eps=e).diagonal()
+    loss = torchvision.ops.generalized_box_iou_loss(boxes1[:7], boxes2, eps=e)
+    torch.testing.assert_close(loss, 1 - pair, atol=1e-6, rtol=0)
+    assert (
+        box_ops.generalized_box_iou(boxes1, boxes2, eps=e) - box_ops.generalized_box_iou(boxes1, boxes2)
+    ).abs().max() > 1e-4
+
+
 def test_inverse_sigmoid_values_and_clamping():
     x = torch.tensor([0.5, 0.8, 0.0, 1.0, -0.3, 1.7])
     out = box_ops.inverse_sigmoid(x)

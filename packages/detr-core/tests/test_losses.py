@@ -171,6 +171,41 @@ def test_set_criterion_keys_matching_and_dn_normaliser():
     assert out["pred_boxes"].grad is not None and dn["pred_boxes"].grad is not None
 
 
+def test_set_criterion_order_is_dino_order():
+    # DINO / Mask DINO evaluate each matched level followed by its denoising twin, the encoder level last; random
+    # draws (point sampling) therefore happen in that order, which a seeded comparison with them relies on
+    calls = []
+
+    class Recording:
+        def __call__(self, outputs, targets, indices, num_boxes):
+            calls.append(outputs["tag"])
+            return {"loss_x": outputs["pred_boxes"].sum() * 0.0}
+
+    def level(tag, q=3):
+        d = _outputs(q=q)
+        d["tag"] = tag
+        return d
+
+    out = level("final")
+    out["aux_outputs"] = [level("aux0"), level("aux1")]
+    out["interm_outputs"] = level("interm")
+    dn = level("final_dn", q=4)
+    dn["aux_outputs"] = [level("aux0_dn", q=4), level("aux1_dn", q=4)]
+    out["dn_outputs"], out["dn_meta"] = dn, DenoisingMeta(pad_size=4, num_groups=2, single_pad=2)
+    crit = SetCriterion(CountingMatcher(), {"x": Recording()}, {})
+    losses = crit(out, _targets())
+    assert calls == ["final", "final_dn", "aux0", "aux0_dn", "aux1", "aux1_dn", "interm"]
+    assert list(losses) == [
+        "loss_x",
+        "loss_x_dn",
+        "loss_x_0",
+        "loss_x_dn_0",
+        "loss_x_1",
+        "loss_x_dn_1",
+        "loss_x_interm",
+    ]
+
+
 def test_set_criterion_without_dn_and_padding():
     _, crit = _criterion()
     losses = crit(_outputs(), _targets())

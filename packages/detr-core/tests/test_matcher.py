@@ -139,6 +139,22 @@ def test_empty_targets_and_nonfinite_error():
         HungarianMatcher([])
 
 
+def test_point_mask_cost_draws_its_points_for_an_image_without_targets():
+    # the official matcher draws the points of every image, targets or not: the same random stream here
+    from detr_core.matcher import PointMaskCost
+
+    g = torch.Generator().manual_seed(7)
+    matcher = HungarianMatcher([PointMaskCost(5.0, 5.0, num_points=20, generator=g), FocalClassCost(2.0)])
+    out = {"pred_logits": torch.randn(3, 4, 2), "pred_masks": torch.randn(3, 4, 8, 8)}
+    empty = {"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 8, 8, dtype=torch.bool)}
+    full = {"labels": torch.tensor([0, 1]), "masks": torch.rand(2, 8, 8) > 0.5}
+    matcher(out, [empty, full, empty])
+    ref = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        torch.rand(1, 20, 2, generator=ref)
+    assert torch.equal(g.get_state(), ref.get_state())
+
+
 def test_point_mask_cost_against_pairwise_losses():
     from detr_core.losses import dice_loss, point_sample, sigmoid_ce_loss
     from detr_core.matcher import PointMaskCost

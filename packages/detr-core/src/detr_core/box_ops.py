@@ -39,9 +39,24 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return tvops.box_iou(boxes1, boxes2)
 
 
-def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Pairwise generalised IoU (Rezatofighi et al.) of xyxy boxes ``(N, 4)``, ``(M, 4)`` -> ``(N, M)`` in ``[-1, 1]``."""
-    return tvops.generalized_box_iou(boxes1, boxes2)
+def generalized_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 0.0) -> Tensor:
+    """Pairwise generalised IoU (Rezatofighi et al.) of xyxy boxes ``(N, 4)``, ``(M, 4)`` -> ``(N, M)`` in ``[-1, 1]``.
+
+    ``eps`` > 0 gives ``inter / (union + eps) - (hull - union) / (hull + eps)``, the form some detectors use (Mask
+    DINO: 1e-6, which visibly changes the cost of boxes of a few pixels); 0 is torchvision's exact GIoU.
+    """
+    if eps == 0.0:
+        return tvops.generalized_box_iou(boxes1, boxes2)
+    # torchvision has no epsilon variant of the pairwise GIoU
+    area1, area2 = tvops.box_area(boxes1), tvops.box_area(boxes2)
+    lt = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
+    rb = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    union = area1[:, None] + area2[None, :] - inter
+    hull_lt = torch.min(boxes1[:, None, :2], boxes2[None, :, :2])
+    hull_rb = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    hull_area = (hull_rb - hull_lt).clamp(min=0).prod(-1)
+    return inter / (union + eps) - (hull_area - union) / (hull_area + eps)
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:

@@ -70,12 +70,15 @@ def box_l1_loss(src_boxes: Tensor, target_boxes: Tensor, num_boxes: float) -> Te
     return F.l1_loss(src_boxes, target_boxes, reduction="sum") / num_boxes
 
 
-def giou_loss(src_boxes: Tensor, target_boxes: Tensor, num_boxes: float) -> Tensor:
-    """``sum(1 - GIoU)`` of matched cxcywh boxes ``(K, 4)``, ``(K, 4)`` (element-wise pairs) / ``num_boxes``."""
+def giou_loss(src_boxes: Tensor, target_boxes: Tensor, num_boxes: float, eps: float = 1e-7) -> Tensor:
+    """``sum(1 - GIoU)`` of matched cxcywh boxes ``(K, 4)``, ``(K, 4)`` (element-wise pairs) / ``num_boxes``.
+
+    GIoU = ``inter / (union + eps) - (hull - union) / (hull + eps)`` (torchvision's loss; its default
+    ``eps`` 1e-7; Mask DINO uses 1e-6)."""
     if src_boxes.shape[0] == 0:
         return src_boxes.sum() * 0.0
     loss = tvops.generalized_box_iou_loss(
-        box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes), reduction="sum"
+        box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes), reduction="sum", eps=eps
     )
     return loss / num_boxes
 
@@ -236,14 +239,20 @@ class CrossEntropyLabelLoss:
 
 class BoxLoss:
     """L1 and GIoU losses of matched ``pred_boxes (B, Q, 4)`` vs target ``boxes`` (cxcywh, normalised).
-    Produces ``{"loss_bbox": scalar, "loss_giou": scalar}``."""
+    Produces ``{"loss_bbox": scalar, "loss_giou": scalar}``; ``giou_eps``: see :func:`giou_loss`."""
+
+    def __init__(self, giou_eps: float = 1e-7):
+        self.giou_eps = giou_eps
 
     def __call__(
         self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float
     ) -> dict[str, Tensor]:
         src = matched_predictions(outputs["pred_boxes"], indices)
         tgt = matched_targets(targets, indices, "boxes").to(src)
-        return {"loss_bbox": box_l1_loss(src, tgt, num_boxes), "loss_giou": giou_loss(src, tgt, num_boxes)}
+        return {
+            "loss_bbox": box_l1_loss(src, tgt, num_boxes),
+            "loss_giou": giou_loss(src, tgt, num_boxes, self.giou_eps),
+        }
 
 
 class PointMaskLoss:
@@ -369,39 +378,60 @@ class SetCriterion(nn.Module):
         device = main["pred_logits"].device
         num_boxes = reduce_num_boxes(sum(int(t["labels"].shape[0]) for t in targets), device)
         names = list(self.losses)
+        aux_levels = list(outputs.get("aux_outputs") or [])
 
+        # The denoising level that goes with each matched level: None = the final one, i = aux_outputs[i].
+        dn_outputs, meta = outputs.get("dn_outputs"), outputs.get("dn_meta")
+        dn_levels: dict[int | None, dict] = {}
+        dn_indices: Indices = []
+        dn_norm, dn_scale = num_boxes, 1.0
+        if dn_outputs is not None and meta is not None:
+            dn_indices = denoising_indices(targets, meta)
+            dn_norm = num_boxes * meta.num_groups
+            dn_levels[None] = {k: v for k, v in dn_outputs.items() if k not in _RESERVED}
+            dn_levels.update(enumerate(dn_outputs.get("aux_outputs") or []))
+        elif self.pad_missing_dn and self.dn_losses:
+            # zeros connected to the graph, so that every step has the same keys
+            empty = torch.zeros(0, dtype=torch.long, device=device)
+            dn_indices = [(empty, empty.clone()) for _ in targets]
+            dn_levels[None] = main
+            dn_levels.update(enumerate(aux_levels))
+            dn_scale = 0.0
+
+        def denoising(level: int | None) -> dict[str, Tensor]:
+            if level not in dn_levels or not self.dn_losses:
+                return {}
+            suffix = "_dn" if level is None else f"_dn_{level}"
+            out = self._compute_losses(
+                self.dn_losses, dn_levels.pop(level), targets, dn_indices, dn_norm, suffix
+            )
+            return out if dn_scale == 1.0 else {k: v * dn_scale for k, v in out.items()}
+
+        # DINO / Mask DINO order: final (matched, then denoising), each aux level (matched, then its denoising),
+        # then the encoder proposals. The point-sampled mask losses draw random numbers, so the order is what
+        # makes a seeded run reproduce the official losses.
         losses = self._compute_losses(names, main, targets, self.matcher(main, targets), num_boxes, "")
-        for i, aux in enumerate(outputs.get("aux_outputs") or []):
-            losses.update(self._compute_losses(names, aux, targets, self.matcher(aux, targets), num_boxes, f"_{i}"))
+        losses.update(denoising(None))
+        for i, aux in enumerate(aux_levels):
+            losses.update(
+                self._compute_losses(names, aux, targets, self.matcher(aux, targets), num_boxes, f"_{i}")
+            )
+            losses.update(denoising(i))
+        for level in sorted(k for k in dn_levels if k is not None):  # denoising levels without a matched twin
+            losses.update(denoising(level))
         interm = outputs.get("interm_outputs")
         if interm is not None:
             losses.update(
-                self._compute_losses(names, interm, targets, self.matcher(interm, targets), num_boxes, "_interm")
-            )
-
-        dn_outputs, meta = outputs.get("dn_outputs"), outputs.get("dn_meta")
-        if dn_outputs is not None and meta is not None:
-            losses.update(self.denoising_losses(dn_outputs, targets, meta, num_boxes))
-        elif self.pad_missing_dn and self.dn_losses:
-            empty = [
-                (
-                    torch.zeros(0, dtype=torch.long, device=device),
-                    torch.zeros(0, dtype=torch.long, device=device),
+                self._compute_losses(
+                    names, interm, targets, self.matcher(interm, targets), num_boxes, "_interm"
                 )
-                for _ in targets
-            ]
-            levels = [("_dn", main)] + [
-                (f"_dn_{i}", a) for i, a in enumerate(outputs.get("aux_outputs") or [])
-            ]
-            for suffix, level in levels:
-                zeros = self._compute_losses(self.dn_losses, level, targets, empty, num_boxes, suffix)
-                losses.update({k: v * 0.0 for k, v in zeros.items()})
+            )
         return losses
 
     def denoising_losses(
         self, dn_outputs: dict, targets: list[dict[str, Tensor]], meta: DenoisingMeta, num_boxes: float
     ) -> dict[str, Tensor]:
-        """Losses of the denoising part (keys ``_dn`` and ``_dn_{i}``), fixed pairs, normaliser
+        """Losses of the denoising part alone (keys ``_dn`` and ``_dn_{i}``), fixed pairs, normaliser
         ``num_boxes * meta.num_groups``."""
         indices = denoising_indices(targets, meta)
         nb = num_boxes * meta.num_groups

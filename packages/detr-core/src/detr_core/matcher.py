@@ -32,6 +32,10 @@ class CostTerm(Protocol):
 
     ``outputs`` holds the predictions of ONE image (``pred_logits (Q, C)``, ``pred_boxes (Q, 4)``, ...), ``target``
     that image's target dict (``labels (n,)``, ``boxes (n, 4)`` cxcywh, ...). Lower cost = better match.
+
+    An image without targets is not matched; a term may define ``on_empty_target(outputs)``, which the matcher then
+    calls instead (a term that draws random numbers draws them there too, so that the random stream stays that of
+    implementations that build the empty ``(Q, 0)`` matrix).
     """
 
     weight: float
@@ -74,14 +78,17 @@ class BoxL1Cost:
 
 
 class GIoUCost:
-    """``-GIoU`` between cxcywh boxes, ``(Q, n)``."""
+    """``-GIoU`` between cxcywh boxes, ``(Q, n)``; ``eps`` as in :func:`~detr_core.box_ops.generalized_box_iou`."""
 
-    def __init__(self, weight: float):
+    def __init__(self, weight: float, eps: float = 0.0):
         self.weight = weight
+        self.eps = eps
 
     def __call__(self, outputs: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
         return -generalized_box_iou(
-            box_cxcywh_to_xyxy(outputs["pred_boxes"].float()), box_cxcywh_to_xyxy(target["boxes"].float())
+            box_cxcywh_to_xyxy(outputs["pred_boxes"].float()),
+            box_cxcywh_to_xyxy(target["boxes"].float()),
+            eps=self.eps,
         )
 
 
@@ -112,10 +119,17 @@ class PointMaskCost:
             generator,
         )
 
+    def _points(self, device: torch.device) -> Tensor:
+        return torch.rand(1, self.num_points, 2, device=device, generator=self.generator)
+
+    def on_empty_target(self, outputs: dict[str, Tensor]) -> None:
+        """Draw (and drop) the points of an image without targets, as the official matcher does."""
+        self._points(outputs["pred_masks"].device)
+
     def __call__(self, outputs: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
         pred = outputs["pred_masks"].float()
         tgt = target["masks"].to(device=pred.device, dtype=torch.float32)
-        coords = torch.rand(1, self.num_points, 2, device=pred.device, generator=self.generator)
+        coords = self._points(pred.device)
         # float32 throughout: under autocast the (Q, P) x (P, n) products would otherwise run in half precision
         with torch.autocast(device_type=pred.device.type, enabled=False):
             p = point_sample(pred[:, None], coords.expand(pred.shape[0], -1, -1)).squeeze(1)  # (Q, P)
@@ -193,11 +207,15 @@ class HungarianMatcher(nn.Module):
         indices = []
         for b, target in enumerate(targets):
             n = int(target["labels"].shape[0])
+            outputs_b = per_image_outputs(outputs, b, batch_size)
             if n == 0:
+                for term in self.cost_terms:
+                    if term.weight != 0 and hasattr(term, "on_empty_target"):
+                        term.on_empty_target(outputs_b)
                 empty = torch.zeros(0, dtype=torch.long, device=device)
                 indices.append((empty, empty.clone()))
                 continue
-            cost = self.cost_matrix(per_image_outputs(outputs, b, batch_size), target)
+            cost = self.cost_matrix(outputs_b, target)
             rows, cols = linear_sum_assignment(cost.cpu().numpy())
             indices.append(
                 (

@@ -19,7 +19,7 @@ from torch import Tensor
 from detr_core.losses import BoxLoss, CrossEntropyLabelLoss, FocalLabelLoss, PointMaskLoss, SetCriterion
 
 from .config import MaskDINOConfig
-from .matcher import build_matcher
+from .matcher import GIOU_EPS, build_matcher
 
 __all__ = ["MaskDINOCriterion", "PanopticBoxLoss", "build_criterion", "build_weight_dict"]
 
@@ -29,7 +29,8 @@ Indices = list[tuple[Tensor, Tensor]]
 class PanopticBoxLoss(BoxLoss):
     """Box losses on "thing" targets only (official ``PANO_BOX_LOSS``), still normalised by all masks."""
 
-    def __init__(self, thing_classes: Collection[int]):
+    def __init__(self, thing_classes: Collection[int], giou_eps: float = GIOU_EPS):
+        super().__init__(giou_eps)
         self.thing_classes = sorted(set(thing_classes))
 
     def __call__(
@@ -98,7 +99,9 @@ def build_criterion(cfg: MaskDINOConfig) -> MaskDINOCriterion:
         losses["labels"] = FocalLabelLoss(cfg.num_classes, alpha=lc.focal_alpha, gamma=lc.focal_gamma)
     losses["masks"] = PointMaskLoss(lc.train_num_points, lc.oversample_ratio, lc.importance_sample_ratio)
     if lc.box_loss:
-        losses["boxes"] = PanopticBoxLoss(cfg.inference.thing_classes) if lc.pano_box_loss else BoxLoss()
+        losses["boxes"] = (
+            PanopticBoxLoss(cfg.inference.thing_classes) if lc.pano_box_loss else BoxLoss(giou_eps=GIOU_EPS)
+        )
     return MaskDINOCriterion(
         build_matcher(lc),
         losses,
