@@ -10,6 +10,8 @@ picks Winograd kernels for the official code on GPUs in the same way.
 Used only where it is exact in all other respects: CPU, float32, no autograd, not under ``torch.compile`` or
 export (which trace the plain ``conv2d``), stride 1, dilation 1, one group, zero padding. PyTorch's own switch
 turns it off: ``torch.backends.nnpack.set_flags(False)`` (or ``with torch.backends.nnpack.flags(enabled=False)``).
+NNPACK runs on its own thread pool, which PyTorch sizes once, from ``torch.get_num_threads()`` at the first NNPACK
+call: call ``torch.set_num_threads`` before the first inference.
 """
 
 from __future__ import annotations
