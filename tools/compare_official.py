@@ -1,0 +1,1071 @@
+"""Compare this re-implementation of Mask DINO with the official one (IDEA-Research/MaskDINO), numerically.
+
+The official code is NOT part of this repository: it is imported at run time from your own checkouts of
+MaskDINO and detectron2, without modifying them:
+
+* ``MaskDINO/maskdino`` is copied into a temporary directory as ``maskdino_official`` (our package is also
+  called ``maskdino``); in the copy its absolute ``maskdino.`` imports are rewritten, ``__init__.py`` is
+  replaced by one that only imports the model (no dataset / evaluator registration) and the Swin import is
+  made optional (it needs ``timm``).
+* The compiled CUDA op ``MultiScaleDeformableAttention`` is replaced by a stub module whose functions raise,
+  so the official ``MSDeformAttn`` falls back to its pure-PyTorch ``ms_deform_attn_core_pytorch`` (its own
+  ``except:`` branch); nothing needs to be compiled.
+* detectron2 is used from its source checkout (pure Python; ``detectron2._C`` is not needed), put first on
+  ``sys.path``. The two project modules the official code imports are loaded alone from the checkout
+  (``projects/PointRend/point_rend/point_features.py`` as ``detectron2.projects.point_rend.point_features``,
+  ``projects/DeepLab/deeplab/config.py`` for ``add_deeplab_config``), so PointRend's other modules (OpenCV)
+  are not imported.
+
+pip packages needed besides this repository's (torch, torchvision, numpy, scipy, pycocotools, Pillow):
+``fvcore iopath omegaconf hydra-core yacs termcolor tabulate portalocker cloudpickle pyyaml tqdm``
+(e.g. ``pip install --target DIR ...`` and ``PYTHONPATH=DIR``). ``timm`` only for Swin configs.
+
+What is compared (official = reference; forward tensors pass when ``max|ours - official| <= atol * max|official|``):
+
+1. key sets: the official state dict converted with :func:`maskdino.checkpoint.convert_official_state_dict`
+   and loaded strictly into ours (``padding_mode="official"``); inference settings of both models.
+2. backbone features, pixel decoder outputs (from the official backbone features), predictor final / aux /
+   interm outputs (from the official pixel decoder outputs), whole-model raw outputs (each model alone).
+3. post-processed predictions: official ``MaskDINO.forward`` vs our ``predict`` (instances: same
+   ``(query, label)`` set, boxes, scores, mask pixel disagreement; panoptic segments; semantic maps).
+4. with ``--losses``: both predictors in training mode with denoising off, then the official raw outputs and the
+   same synthetic targets into both criteria with the same seed: matcher indices per level, every loss
+   (relative difference), the weighted total and the gradients w.r.t. the outputs.
+
+Without ``--weights`` the official model keeps its random initialisation, with every constant-initialised tensor
+(FrozenBN statistics, norms, zero-initialised heads) randomised too, and the same weights are converted into ours.
+With ``--weights`` a released official checkpoint is loaded into the official model (``model`` entry, read with
+``torch.load(weights_only=True)``) and into ours with :func:`maskdino.checkpoint.load_official_checkpoint`.
+
+Two-stage query selection takes the top-k encoder tokens; scores equal to ~1e-7 can be ordered differently by
+the two implementations. The queries are then the same up to a permutation: the tool detects this from the
+``interm_outputs`` (one row per selected token), aligns our queries to the official ones and compares again;
+such rows are reported as ``tie`` (pass) with the swapped ranks and their scores.
+
+Usage::
+
+    python tools/compare_official.py --maskdino-repo ~/src/MaskDINO --detectron2-repo ~/src/detectron2 \\
+        --config coco-instance-r50-3s-d1-2048 --size 256 384 --losses
+    python tools/compare_official.py --maskdino-repo ~/src/MaskDINO --detectron2-repo ~/src/detectron2 \\
+        --config coco-panoptic-r50 --weights maskdino_r50_50ep_300q_hid2048_3sd1_panoptic_pq53.0.pth \\
+        --image input.jpg --device cuda
+
+Exit status: 0 when every check is within tolerance, 1 otherwise (the failing rows are listed at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import re
+import shutil
+import sys
+import tempfile
+import types
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: our preset -> official config file (relative to the MaskDINO checkout).
+OFFICIAL_YAMLS: dict[str, str] = {
+    "coco-instance-r50-3s-d1-2048": "configs/coco/instance-segmentation/maskdino_R50_bs16_50ep_3s_dowsample1_2048.yaml",
+    "coco-instance-r50-4s": "configs/coco/instance-segmentation/maskdino_R50_bs16_50ep_4s_dowsample1_2048.yaml",
+    "coco-panoptic-r50": "configs/coco/panoptic-segmentation/maskdino_R50_bs16_50ep_3s_dowsample1_2048.yaml",
+}
+
+OFFICIAL_PACKAGE = "maskdino_official"
+
+_MINIMAL_INIT = '''"""Generated by tools/compare_official.py: the official model only (no dataset/evaluator registration)."""
+from . import modeling
+from .config import add_maskdino_config
+from .maskdino import MaskDINO
+'''
+
+
+# ============================================================================================ official import
+
+
+def _copy_official_package(maskdino_repo: Path, dest: Path) -> int:
+    """Copy ``maskdino_repo/maskdino`` to ``dest/maskdino_official`` and make it importable under that name.
+
+    Returns:
+        The number of absolute ``maskdino`` imports rewritten.
+    """
+    src = maskdino_repo / "maskdino"
+    if not (src / "maskdino.py").is_file():
+        raise SystemExit(
+            f"--maskdino-repo: {src}/maskdino.py not found (expected an IDEA-Research/MaskDINO checkout)"
+        )
+    pkg = dest / OFFICIAL_PACKAGE
+    shutil.copytree(src, pkg, ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyc", "build", "src"))
+    pattern = re.compile(r"^(\s*)(from|import)(\s+)maskdino(?=[.\s])", re.MULTILINE)
+    rewritten = 0
+    for path in pkg.rglob("*.py"):
+        text = path.read_text()
+        new, n = pattern.subn(rf"\1\2\3{OFFICIAL_PACKAGE}", text)
+        if n:
+            path.write_text(new)
+            rewritten += n
+    (pkg / "__init__.py").write_text(_MINIMAL_INIT)
+    modeling_init = pkg / "modeling" / "__init__.py"
+    text = modeling_init.read_text()
+    text = re.sub(
+        r"^from \.backbone\.swin import (.+)$",
+        r"try:\n    from .backbone.swin import \1\nexcept ImportError:  # timm missing: no Swin backbone\n    pass",
+        text,
+        flags=re.MULTILINE,
+    )
+    modeling_init.write_text(text)
+    return rewritten
+
+
+def _stub_msda() -> None:
+    """Make ``import MultiScaleDeformableAttention`` succeed with functions that raise (pure-PyTorch fallback)."""
+
+    def _unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            "MultiScaleDeformableAttention stub (compare_official.py): use the PyTorch fallback"
+        )
+
+    stub = types.ModuleType("MultiScaleDeformableAttention")
+    stub.ms_deform_attn_forward = _unavailable  # type: ignore[attr-defined]
+    stub.ms_deform_attn_backward = _unavailable  # type: ignore[attr-defined]
+    sys.modules["MultiScaleDeformableAttention"] = stub
+
+
+def _find_project_dir(d2_repo: Path, project: str, package: str) -> Path:
+    """``projects/<Project>/<package>`` of a detectron2 checkout (or ``detectron2/projects/<package>``)."""
+    for cand in (d2_repo / "projects" / project / package, d2_repo / "detectron2" / "projects" / package):
+        if cand.is_dir():
+            return cand
+    raise SystemExit(
+        f"--detectron2-repo: neither projects/{project}/{package} nor detectron2/projects/{package} in {d2_repo}"
+    )
+
+
+def _load_module(name: str, path: Path) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _install_d2_projects(d2_repo: Path) -> None:
+    """Register ``detectron2.projects.point_rend`` / ``.deeplab`` as bare packages over the checkout's folders."""
+    import detectron2.projects as projects
+
+    for project, package in (("PointRend", "point_rend"), ("DeepLab", "deeplab")):
+        folder = _find_project_dir(d2_repo, project, package)
+        name = f"detectron2.projects.{package}"
+        module = types.ModuleType(name)
+        module.__path__ = [str(folder)]  # submodules load from the folder; its __init__ is not run
+        sys.modules[name] = module
+        setattr(projects, package, module)
+    deeplab_config = _load_module(
+        "detectron2.projects.deeplab.config",
+        Path(sys.modules["detectron2.projects.deeplab"].__path__[0]) / "config.py",
+    )
+    sys.modules["detectron2.projects.deeplab"].add_deeplab_config = deeplab_config.add_deeplab_config  # type: ignore[attr-defined]
+
+
+def import_official(maskdino_repo: Path, detectron2_repo: Path | None, tmp: Path) -> types.ModuleType:
+    """Import the official package as ``maskdino_official`` (see the module docstring); returns it."""
+    rewritten = _copy_official_package(maskdino_repo, tmp)
+    _stub_msda()
+    if detectron2_repo is not None:
+        if not (detectron2_repo / "detectron2" / "__init__.py").is_file():
+            raise SystemExit(f"--detectron2-repo: {detectron2_repo}/detectron2/__init__.py not found")
+        sys.path.insert(0, str(detectron2_repo))
+    sys.path.insert(0, str(tmp))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import detectron2
+
+        d2_root = Path(detectron2.__file__).resolve().parent.parent
+        _install_d2_projects(detectron2_repo or d2_root)
+        official = importlib.import_module(OFFICIAL_PACKAGE)
+    print(
+        f"official package: {maskdino_repo / 'maskdino'} -> {tmp / OFFICIAL_PACKAGE} ({rewritten} imports rewritten)"
+    )
+    print(f"detectron2: {Path(detectron2.__file__).parent}")
+    return official
+
+
+# ============================================================================================ models
+
+
+def build_official(yaml_path: Path, device: str, seed: int) -> tuple[nn.Module, Any]:
+    """The official model from its yaml (as ``train_net.setup``: deeplab + maskdino config), in eval mode."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+    from detectron2.projects.deeplab import add_deeplab_config
+    from maskdino_official import add_maskdino_config
+
+    cfg = get_cfg()
+    add_deeplab_config(cfg)
+    add_maskdino_config(cfg)
+    cfg.merge_from_file(str(yaml_path))
+    cfg.MODEL.DEVICE = device
+    cfg.MODEL.WEIGHTS = ""
+    cfg.freeze()
+    torch.manual_seed(seed)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints the loss weight dict
+        model = build_model(cfg)
+    return model.eval(), cfg
+
+
+def build_ours(preset: str, device: str) -> nn.Module:
+    """Our model from a preset, with ``padding_mode="official"``, in eval mode."""
+    from maskdino import build_model, get_preset
+
+    cfg = get_preset(preset)
+    cfg.padding_mode = "official"
+    return build_model(cfg).to(device).eval()
+
+
+@torch.no_grad()
+def randomize(model: nn.Module, seed: int) -> None:
+    """Make every constant-initialised tensor of the official model non-trivial (in place).
+
+    FrozenBN statistics and affine parameters of the backbone get plausible random values (a small gamma on the
+    last BN of each block keeps a random ResNet from blowing up); LayerNorm/GroupNorm gammas become ``1 + noise``;
+    biases and zero-initialised layers get ``0.02 * noise``. Tensors that are already random are kept.
+    """
+    g = torch.Generator().manual_seed(seed)
+    seen: set[int] = set()
+    for key, v in model.state_dict().items():
+        if not v.is_floating_point() or v.data_ptr() in seen or key.startswith("criterion."):
+            continue
+        seen.add(v.data_ptr())
+
+        def normal(v: Tensor = v) -> Tensor:
+            return torch.randn(v.shape, generator=g).to(v)
+
+        def uniform(a: float, b: float, v: Tensor = v) -> Tensor:
+            return (torch.rand(v.shape, generator=g) * (b - a) + a).to(v)
+
+        if key.startswith("backbone.") and ".norm." in key:
+            if key.endswith("running_var"):
+                v.copy_(uniform(0.5, 2.0))
+            elif key.endswith("running_mean"):
+                v.copy_(0.1 * normal())
+            elif key.endswith("weight"):
+                v.copy_(uniform(0.1, 0.4) if ".conv3.norm" in key else uniform(0.5, 1.5))
+            elif key.endswith("bias"):
+                v.copy_(0.1 * normal())
+            continue
+        if v.numel() > 1 and float(v.std()) > 0:
+            continue
+        if key.endswith("weight") and v.dim() == 1 and bool(torch.all(v == 1)):
+            v.copy_(1 + 0.1 * normal())
+        else:
+            v.add_(0.02 * normal())
+
+
+def load_image(path: Path) -> Tensor:
+    """``(3, H, W)`` float RGB in ``[0, 255]``."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def synthetic_image(h: int, w: int, seed: int) -> Tensor:
+    """A structured RGB image in ``[0, 255]``: smooth noise, a few rectangles and a disc."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(1, 3, max(h // 16, 1), max(w // 16, 1), generator=g)
+    img = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[0] * 180
+    for _ in range(4):
+        y0 = int(torch.randint(0, max(h - 40, 1), (1,), generator=g))
+        x0 = int(torch.randint(0, max(w - 40, 1), (1,), generator=g))
+        hh = int(torch.randint(20, max(h // 2, 21), (1,), generator=g))
+        ww = int(torch.randint(20, max(w // 2, 21), (1,), generator=g))
+        img[:, y0 : y0 + hh, x0 : x0 + ww] = torch.rand(3, 1, 1, generator=g) * 255
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    disc = ((yy - h * 0.6) ** 2 + (xx - w * 0.3) ** 2) < (min(h, w) * 0.15) ** 2
+    img[:, disc] = torch.tensor([250.0, 30.0, 60.0])[:, None]
+    return (img + torch.randn(img.shape, generator=g) * 5).clamp(0, 255)
+
+
+def synthetic_targets(
+    counts: Sequence[int], size: tuple[int, int], num_classes: int, seed: int, device: str
+) -> list[dict[str, Tensor]]:
+    """Criterion targets: elliptic masks with their tight boxes (cxcywh normalised), random labels."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    out = []
+    for n in counts:
+        masks, boxes = [], []
+        for _ in range(n):
+            cy, cx = float(torch.rand(1, generator=g)) * h, float(torch.rand(1, generator=g)) * w
+            ry = 10 + float(torch.rand(1, generator=g)) * h / 3
+            rx = 10 + float(torch.rand(1, generator=g)) * w / 3
+            m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+            ys, xs = m.nonzero(as_tuple=True)
+            x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+            boxes.append([(x0 + x1) / 2 / w, (y0 + y1) / 2 / h, (x1 - x0) / w, (y1 - y0) / h])
+            masks.append(m)
+        out.append(
+            {
+                "labels": torch.randint(0, num_classes, (n,), generator=g).to(device),
+                "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4).to(device),
+                "masks": torch.stack(masks).to(device),
+            }
+        )
+    return out
+
+
+# ============================================================================================ report
+
+
+@dataclass
+class Row:
+    """One line of the report; ``status`` is ``ok``, ``tie`` (ok after aligning a top-k near tie), ``FAIL``
+    or ``info``."""
+
+    section: str
+    name: str
+    status: str
+    detail: str
+
+
+@dataclass
+class Report:
+    """Collects and prints the comparison rows."""
+
+    atol: float
+    rows: list[Row] = field(default_factory=list)
+
+    def add(self, section: str, name: str, ok: bool | None, detail: str) -> Row:
+        row = Row(section, name, "info" if ok is None else ("ok" if ok else "FAIL"), detail)
+        self.rows.append(row)
+        return row
+
+    def tensor(self, section: str, name: str, ours: Tensor | None, ref: Tensor | None) -> Row | None:
+        """Compare ``ours`` with the reference ``ref``: max abs, max abs / max|ref|, max elementwise rel."""
+        if ours is None or ref is None:
+            which = "ours" if ours is None else "official"
+            return self.add(section, name, None, f"absent in {which} only (not computed in eval mode)")
+        ok, detail = tensor_diff(ours, ref, self.atol)
+        return self.add(section, name, ok, detail)
+
+    @property
+    def failures(self) -> list[Row]:
+        return [r for r in self.rows if r.status == "FAIL"]
+
+    def print(self, rows: Sequence[Row] | None = None) -> None:
+        rows = self.rows if rows is None else rows
+        width = max((len(f"{r.section} {r.name}") for r in rows), default=0)
+        for r in rows:
+            print(f"  {(r.section + ' ' + r.name).ljust(width)}  {r.status:<4}  {r.detail}")
+
+
+def tensor_diff(ours: Tensor, ref: Tensor, atol: float) -> tuple[bool, str]:
+    """``(within tolerance, description)``; tolerance: ``max|ours - ref| <= atol * max|ref|``."""
+    a, b = ours.detach().double().cpu(), ref.detach().double().cpu()
+    if a.shape != b.shape:
+        return False, f"shape mismatch: ours {tuple(a.shape)} vs official {tuple(b.shape)}"
+    if a.numel() == 0:
+        return True, f"empty {tuple(a.shape)}"
+    d = (a - b).abs()
+    max_abs = float(d.max())
+    scale = float(b.abs().max())
+    rel = float((d / (b.abs() + 1e-3 * max(scale, 1e-12))).max())
+    norm = max_abs / max(scale, 1e-12)
+    ok = bool(torch.isfinite(a).all()) and max_abs <= atol * max(scale, 1e-12)
+    return (
+        ok,
+        f"max_abs={max_abs:.2e} |ref|max={scale:.2e} abs/|ref|max={norm:.2e} max_rel={rel:.2e} {tuple(a.shape)}",
+    )
+
+
+# ============================================================================================ head outputs
+
+_FIELDS = ("pred_logits", "pred_boxes", "pred_masks")
+
+
+def head_levels(out: dict) -> Iterator[tuple[str, dict]]:
+    """``(name, level dict)`` for the final, aux and interm outputs of a predictor output dict."""
+    yield "final", out
+    for i, aux in enumerate(out.get("aux_outputs") or []):
+        yield f"aux[{i}]", aux
+    if out.get("interm_outputs") is not None:
+        yield "interm", out["interm_outputs"]
+
+
+def compare_head(report: Report, section: str, ours: dict, off: dict) -> list[Row]:
+    """Rows for every tensor of the final / aux / interm outputs."""
+    rows = []
+    n_ours, n_off = len(ours.get("aux_outputs") or []), len(off.get("aux_outputs") or [])
+    if n_ours != n_off:
+        rows.append(
+            report.add(section, "aux_outputs", False, f"{n_ours} aux levels in ours, {n_off} official")
+        )
+    if ("interm_outputs" in ours) != ("interm_outputs" in off):
+        rows.append(report.add(section, "interm_outputs", False, "present on one side only"))
+    off_levels = dict(head_levels(off))
+    for name, level in head_levels(ours):
+        if name not in off_levels:
+            continue
+        for f in _FIELDS:
+            if level.get(f) is None and off_levels[name].get(f) is None:
+                continue  # e.g. the masks of aux levels in eval mode
+            rows.append(report.tensor(section, f"{name} {f}", level.get(f), off_levels[name].get(f)))
+    return rows
+
+
+def permute_queries(out: dict, perm: list[Tensor]) -> dict:
+    """A copy of a predictor output dict with the queries of image ``b`` reordered by ``perm[b]``."""
+
+    def take(t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        return torch.stack([t[b, p.to(t.device)] for b, p in enumerate(perm)])
+
+    new = {k: take(out.get(k)) for k in _FIELDS}
+    new["aux_outputs"] = [{k: take(a.get(k)) for k in _FIELDS} for a in out.get("aux_outputs") or []]
+    if out.get("interm_outputs") is not None:
+        new["interm_outputs"] = {k: take(out["interm_outputs"].get(k)) for k in _FIELDS}
+    return new
+
+
+def align_queries(ours: dict, off: dict, atol: float) -> list[Tensor] | None:
+    """Per image, the order of our queries that matches the official ones (``ours[perm] ~ official``).
+
+    Each two-stage query comes from one selected encoder token and its ``interm_outputs`` row (class logits and
+    box of that token) identifies it. Returns None when the rows cannot be matched one-to-one within tolerance
+    (e.g. the top-k SETS differ, or the model is not two-stage).
+    """
+    if ours.get("interm_outputs") is None or off.get("interm_outputs") is None:
+        return None
+    io, iu = off["interm_outputs"], ours["interm_outputs"]
+    fo = torch.cat([io["pred_logits"], io["pred_boxes"]], -1).detach().double().cpu()
+    fu = torch.cat([iu["pred_logits"], iu["pred_boxes"]], -1).detach().double().cpu()
+    if fo.shape != fu.shape:
+        return None
+    perms = []
+    for b in range(fo.shape[0]):
+        dist = torch.cdist(fo[b], fu[b], p=float("inf"))
+        best, perm = dist.min(1)
+        scale = float(fo[b].abs().max())
+        if len(set(perm.tolist())) != perm.numel() or float(best.max()) > atol * max(scale, 1e-12):
+            return None
+        perms.append(perm)
+    return perms
+
+
+def compare_head_with_ties(report: Report, section: str, ours: dict, off: dict) -> list[Tensor] | None:
+    """:func:`compare_head`; if it fails, retry after aligning queries across a top-k near tie.
+
+    Returns:
+        The per-image query permutation used (None when the outputs match as they are or cannot be aligned).
+    """
+    start = len(report.rows)
+    rows = compare_head(report, section, ours, off)
+    if not any(r.status == "FAIL" for r in rows):
+        return None
+    perm = align_queries(ours, off, report.atol)
+    if perm is None or all(torch.equal(p, torch.arange(p.numel())) for p in perm):
+        report.add(
+            section, "top-k tie check", None, "queries cannot be aligned one-to-one by their interm outputs"
+        )
+        return None
+    scratch = Report(report.atol)
+    aligned_rows = compare_head(scratch, section, permute_queries(ours, perm), off)
+    swapped = []
+    for b, p in enumerate(perm):
+        moved = (p != torch.arange(p.numel())).nonzero().flatten().tolist()
+        shown = ", ".join(f"{r}->{int(p[r])}" for r in moved[:8]) + (", ..." if len(moved) > 8 else "")
+        if moved:
+            swapped.append(f"img{b}: official rank -> our rank {shown}")
+    if any(r.status == "FAIL" for r in aligned_rows):
+        report.add(
+            section, "top-k tie check", False, "aligned by token, still differs: " + "; ".join(swapped)
+        )
+        return perm
+    del report.rows[start:]
+    for r in aligned_rows:
+        r.status = "tie" if r.status == "ok" else r.status
+    report.rows += aligned_rows
+    n = sum(int((p != torch.arange(p.numel())).sum()) for p in perm)
+    report.add(
+        section,
+        "top-k near tie",
+        True,
+        f"{n} queries selected in another order (near-equal top-k token scores); all within tolerance "
+        "after aligning our queries to the official ones: " + "; ".join(swapped),
+    )
+    return perm
+
+
+# ============================================================================================ post-processing
+
+
+def _official_instance_keys(logits: Tensor, top_k: int, things: set[int] | None) -> list[tuple[int, int]]:
+    """``(query, label)`` of the official instances, in the order of its ``instance_inference`` (same topk call)."""
+    num_classes = logits.shape[-1]
+    _, idx = logits.sigmoid().flatten(0, 1).topk(top_k, sorted=False)
+    keys = list(zip((idx // num_classes).tolist(), (idx % num_classes).tolist()))
+    if things is not None:
+        keys = [k for k in keys if k[1] in things]
+    return keys
+
+
+def compare_predictions(
+    report: Report,
+    section: str,
+    off_res: dict,
+    pred: Any,
+    off_logits: Tensor,
+    our_logits: Tensor,
+    perm: Tensor | None,
+    mask_tol: float,
+    top_k: int,
+    things: set[int] | None,
+) -> None:
+    """Compare one image's official results dict with our :class:`maskdino.structures.Prediction`."""
+    from maskdino.postprocess import _topk_instances
+
+    if "instances" in off_res:
+        inst = off_res["instances"]
+        ko = _official_instance_keys(off_logits, top_k, things)
+        _, labels_u, q_u = _topk_instances(our_logits, top_k, True, things)
+        probs_o = off_logits.sigmoid().detach().double().cpu()
+        probs_u = our_logits.sigmoid().detach().double().cpu()
+        inv = None if perm is None else torch.argsort(perm.cpu())
+        ku, score_u = [], {}
+        for q, lab in zip(q_u.tolist(), labels_u.tolist()):
+            key = (int(inv[q]) if inv is not None else q, lab)  # in the official query order
+            ku.append(key)
+            score_u[key] = float(probs_u[q, lab])
+        only_o, only_u = set(ko) - set(ku), set(ku) - set(ko)
+        detail = f"{len(ko)} official, {len(ku)} ours"
+        if only_o or only_u:
+            kth = min(float(probs_o[q, c]) for q, c in ko)
+            near = all(abs(float(probs_o[q, c]) - kth) <= report.atol for q, c in only_o) and all(
+                abs(score_u[k] - kth) <= report.atol for k in only_u
+            )
+            report.add(
+                section,
+                "instances (query,label) set",
+                near,
+                f"{detail}; only official {sorted(only_o)[:4]}, only ours {sorted(only_u)[:4]}"
+                + (f" (near tie at the top-k score {kth:.7f}: compared on the common ones)" if near else ""),
+            )
+        else:
+            report.add(section, "instances (query,label) set", True, f"{detail}, same set")
+        pos_u = {k: i for i, k in enumerate(ku)}
+        common = [k for k in ko if k in pos_u]
+        io_idx = torch.tensor([ko.index(k) for k in common], dtype=torch.long)
+        iu_idx = torch.tensor([pos_u[k] for k in common], dtype=torch.long)
+        ours_i = pred.instances
+        report.tensor(
+            section,
+            "instances boxes",
+            ours_i.boxes[iu_idx],
+            inst.pred_boxes.tensor[io_idx.to(inst.scores.device)],
+        )
+        report.tensor(
+            section, "instances scores", ours_i.scores[iu_idx], inst.scores[io_idx.to(inst.scores.device)]
+        )
+        lab_ok = torch.equal(
+            ours_i.labels[iu_idx].cpu(), inst.pred_classes[io_idx.to(inst.scores.device)].cpu().long()
+        )
+        report.add(section, "instances labels", lab_ok, "equal" if lab_ok else "differ")
+        mo = inst.pred_masks[io_idx.to(inst.scores.device)].bool().cpu()
+        mu = ours_i.masks[iu_idx].cpu()
+        if mo.shape != mu.shape:
+            report.add(
+                section,
+                "instances masks",
+                False,
+                f"shape ours {tuple(mu.shape)} vs official {tuple(mo.shape)}",
+            )
+        else:
+            n = int((mo != mu).sum())
+            frac = n / max(mo.numel(), 1)
+            report.add(
+                section,
+                "instances masks",
+                frac <= mask_tol,
+                f"{n} of {mo.numel()} pixels differ ({frac:.2e})",
+            )
+    if "panoptic_seg" in off_res:
+        seg_o, info_o = off_res["panoptic_seg"]
+        pan = pred.panoptic
+        info_u = [{k: d[k] for k in ("id", "isthing", "category_id")} for d in pan.segments_info]
+        same = info_o == info_u
+        report.add(
+            section,
+            "panoptic segments_info",
+            same,
+            f"{len(info_o)} official, {len(info_u)} ours, {'equal' if same else 'differ'}",
+        )
+        if seg_o.shape != pan.segments.shape:
+            report.add(
+                section,
+                "panoptic map",
+                False,
+                f"shape ours {tuple(pan.segments.shape)} vs {tuple(seg_o.shape)}",
+            )
+        else:
+            n = int((seg_o.cpu() != pan.segments.cpu()).sum())
+            frac = n / max(seg_o.numel(), 1)
+            report.add(
+                section,
+                "panoptic map",
+                frac <= mask_tol,
+                f"{n} of {seg_o.numel()} pixels differ ({frac:.2e})",
+            )
+    if "sem_seg" in off_res:
+        report.tensor(section, "semantic", pred.semantic, off_res["sem_seg"])
+
+
+# ============================================================================================ losses
+
+
+def _leafify(o: Any) -> Any:
+    if isinstance(o, dict):
+        return {k: _leafify(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_leafify(v) for v in o]
+    if isinstance(o, Tensor):
+        return o.detach().clone().requires_grad_(True)
+    return o
+
+
+def _leaves(o: Any, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
+    if isinstance(o, dict):
+        for k, v in o.items():
+            yield from _leaves(v, f"{prefix}.{k}" if prefix else k)
+    elif isinstance(o, list):
+        for i, v in enumerate(o):
+            yield from _leaves(v, f"{prefix}[{i}]")
+    elif isinstance(o, Tensor):
+        yield prefix, o
+
+
+def compare_losses(
+    report: Report,
+    off: nn.Module,
+    ours: nn.Module,
+    ms: list[Tensor],
+    mf: Tensor,
+    seed: int,
+    loss_rtol: float,
+    device: str,
+) -> None:
+    """Criterion comparison (denoising off): see the module docstring, item 4."""
+    section = "losses"
+    pred_o = off.sem_seg_head.predictor
+    saved_dn = pred_o.dn
+    pred_o.dn = "no"  # the official denoising path hard-codes .cuda(); compared without denoising
+    pred_o.train()
+    ours.predictor.train()
+    try:
+        with torch.no_grad():
+            raw, mask_dict = pred_o(ms, mf, None)
+            raw_u = ours.predictor(ms, mf, None, None)
+    finally:
+        pred_o.eval()
+        ours.predictor.eval()
+        pred_o.dn = saved_dn
+    if mask_dict is not None:
+        report.add(section, "official mask_dict", False, "denoising was not off")
+    compare_head_with_ties(report, "predictor(train)", raw_u, raw)
+
+    b, _, h, w = mf.shape
+    size = (
+        h * off.sem_seg_head.pixel_decoder.common_stride,
+        w * off.sem_seg_head.pixel_decoder.common_stride,
+    )
+    counts = [3 + 2 * (i % 3) for i in range(b)]
+    targets = synthetic_targets(counts, size, raw["pred_logits"].shape[-1], seed + 3, device)
+    crit_o, crit_u = off.criterion, ours.criterion
+    saved_crit_dn = crit_o.dn
+    crit_o.dn = "no"  # the official zero-denoising-loss branch hard-codes .to("cuda")
+    try:
+        bad_levels = []
+        for name, level in head_levels(raw):
+            torch.manual_seed(seed + 123)
+            idx_o = crit_o.matcher(level, [dict(t) for t in targets])
+            torch.manual_seed(seed + 123)
+            idx_u = crit_u.matcher(level, [dict(t) for t in targets])
+            if not all(
+                torch.equal(x[0].cpu(), y[0].cpu()) and torch.equal(x[1].cpu(), y[1].cpu())
+                for x, y in zip(idx_o, idx_u)
+            ):
+                bad_levels.append(name)
+        n_levels = len(list(head_levels(raw)))
+        report.add(
+            section,
+            "matcher indices",
+            not bad_levels,
+            f"differ at {bad_levels}" if bad_levels else f"equal at all {n_levels} levels",
+        )
+
+        out_o, out_u = _leafify(raw), _leafify(raw)
+        torch.manual_seed(seed + 7)
+        lo = crit_o(out_o, [dict(t) for t in targets], None)
+        rng_o = torch.rand(1).item()
+        torch.manual_seed(seed + 7)
+        lu = crit_u(out_u, [dict(t) for t in targets])
+        rng_u = torch.rand(1).item()
+    finally:
+        crit_o.dn = saved_crit_dn
+    report.add(
+        section,
+        "RNG state after the criterion",
+        rng_o == rng_u,
+        "same" if rng_o == rng_u else "differs (different number of random draws)",
+    )
+    ko, ku = set(lo), set(lu)
+    if ko - ku:
+        report.add(section, "loss keys", False, f"official only: {sorted(ko - ku)}")
+    extra_nonzero = sorted(k for k in ku - ko if float(lu[k]) != 0)
+    report.add(
+        section,
+        "loss keys",
+        not extra_nonzero,
+        f"{len(ko & ku)} common; {len(ku - ko)} ours-only (denoising placeholders)"
+        + (f", NON-ZERO: {extra_nonzero[:5]}" if extra_nonzero else ", all zero"),
+    )
+    worst: dict[str, tuple[float, str]] = {}
+    for k in sorted(ko & ku):
+        a, bv = float(lu[k]), float(lo[k])
+        r = abs(a - bv) / max(abs(bv), 1e-12)
+        base = k.split("_")[1]
+        worst[base] = max(worst.get(base, (-1.0, "")), (r, k))
+    for base, (r, k) in sorted(worst.items()):
+        report.add(
+            section,
+            f"loss_{base}",
+            r <= loss_rtol,
+            f"worst rel diff {r:.2e} at {k} (ours {float(lu[k]):.7f}, official {float(lo[k]):.7f})",
+        )
+    wd = crit_o.weight_dict
+    tot_o = sum(lo[k] * wd[k] for k in lo if k in wd)
+    wu = crit_u.weighted(lu)
+    tot_u = sum(wu[k] for k in wu if k in ko)
+    r = abs(float(tot_u) - float(tot_o)) / max(abs(float(tot_o)), 1e-12)
+    report.add(
+        section,
+        "weighted total",
+        r <= loss_rtol,
+        f"ours {float(tot_u):.6f}, official {float(tot_o):.6f}, rel diff {r:.2e}",
+    )
+    tot_o.backward()
+    tot_u.backward()
+    worst_g, worst_name, n_bad = 0.0, "", 0
+    for (name, a), (_, g) in zip(_leaves(out_u), _leaves(out_o)):
+        if (a.grad is None) != (g.grad is None):
+            n_bad += 1
+            continue
+        if a.grad is None:
+            continue
+        d = float((a.grad.double() - g.grad.double()).abs().max())
+        scale = float(g.grad.abs().max())
+        if d / max(scale, 1e-12) > worst_g:
+            worst_g, worst_name = d / max(scale, 1e-12), f"{name} (max_abs {d:.2e}, |grad|max {scale:.2e})"
+    report.add(
+        section,
+        "gradients w.r.t. outputs",
+        worst_g <= report.atol and n_bad == 0,
+        f"worst abs/|grad|max {worst_g:.2e} at {worst_name}"
+        + (f"; {n_bad} tensors with a gradient on one side only" if n_bad else ""),
+    )
+
+
+# ============================================================================================ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Check this Mask DINO implementation against the official code (imported from your checkouts).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--maskdino-repo", type=Path, required=True, help="IDEA-Research/MaskDINO checkout")
+    p.add_argument(
+        "--detectron2-repo", type=Path, default=None, help="detectron2 checkout (default: the installed one)"
+    )
+    p.add_argument(
+        "--config",
+        default="coco-instance-r50-3s-d1-2048",
+        help=f"our preset; known official yamls: {sorted(OFFICIAL_YAMLS)}",
+    )
+    p.add_argument(
+        "--official-yaml",
+        type=Path,
+        default=None,
+        help="official config (path, or relative to --maskdino-repo); overrides the preset's",
+    )
+    p.add_argument(
+        "--weights", type=Path, default=None, help="official checkpoint (.pth); default: random weights"
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--image", type=Path, default=None, help="input image (used at its own size unless --size)"
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        action="append",
+        metavar=("H", "W"),
+        default=None,
+        help="input size; repeat it for a padded batch of synthetic images of different sizes (default 256 384)",
+    )
+    src.add_argument("--batch", type=int, default=1, help="synthetic images per --size")
+    p.add_argument(
+        "--output-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
+        help="post-processing output size (default: input size)",
+    )
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--allow-tf32", action="store_true", help="keep TF32 matmuls/convolutions on CUDA (off by default)"
+    )
+    p.add_argument(
+        "--losses", action="store_true", help="also compare matcher, losses and gradients (denoising off)"
+    )
+    p.add_argument("--atol", type=float, default=1e-4, help="forward tensors: max abs diff / max|official|")
+    p.add_argument("--loss-rtol", type=float, default=1e-5, help="losses: relative difference")
+    p.add_argument(
+        "--mask-tol",
+        type=float,
+        default=1e-4,
+        help="post-processed masks: fraction of pixels that may differ",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _inputs(args: argparse.Namespace) -> list[Tensor]:
+    if args.image is not None:
+        img = load_image(args.image)
+        if args.size:
+            if len(args.size) > 1:
+                raise SystemExit("--image takes one --size")
+            img = F.interpolate(img[None], size=tuple(args.size[0]), mode="bilinear", align_corners=False)[0]
+        return [img]
+    sizes = [tuple(s) for s in args.size] if args.size else [(256, 384)]
+    hw = [s for s in sizes for _ in range(args.batch)]
+    return [synthetic_image(h, w, seed=args.seed + i) for i, (h, w) in enumerate(hw)]
+
+
+def _check_settings(report: Report, off: nn.Module, ours: nn.Module) -> None:
+    inf = ours.cfg.inference
+    pairs = {
+        "num_classes": (off.sem_seg_head.num_classes, ours.cfg.num_classes),
+        "num_queries": (off.num_queries, ours.cfg.decoder.num_queries),
+        "size_divisibility": (off.size_divisibility, ours.cfg.size_divisibility),
+        "instance/panoptic/semantic": (
+            (off.instance_on, off.panoptic_on, off.semantic_on),
+            (inf.instance_on, inf.panoptic_on, inf.semantic_on),
+        ),
+        "test_topk_per_image": (off.test_topk_per_image, inf.test_topk_per_image),
+        "object_mask/overlap threshold": (
+            (off.object_mask_threshold, off.overlap_threshold),
+            (inf.object_mask_threshold, inf.overlap_threshold),
+        ),
+        "panoptic temperature": (off.pano_temp if off.transform_eval else None, inf.temperature),
+        "pixel_mean/std": (
+            off.pixel_mean.flatten().tolist() + off.pixel_std.flatten().tolist(),
+            ours.pixel_mean.flatten().tolist() + ours.pixel_std.flatten().tolist(),
+        ),
+    }
+    if off.panoptic_on:
+        things = sorted(off.metadata.thing_dataset_id_to_contiguous_id.values())
+        pairs["thing classes"] = (things, sorted(inf.thing_classes))
+    bad = [
+        f"{k}: official {a} vs ours {b}"
+        for k, (a, b) in pairs.items()
+        if a != b and not (isinstance(a, list) and torch.allclose(torch.tensor(a), torch.tensor(b)))
+    ]
+    report.add(
+        "settings", "inference settings", not bad, "; ".join(bad) if bad else f"{len(pairs)} settings equal"
+    )
+
+
+def run(args: argparse.Namespace, tmp: Path) -> int:
+    """The whole comparison; returns the exit status."""
+    from maskdino.checkpoint import (
+        convert_official_state_dict,
+        load_into_model,
+        load_official_checkpoint,
+        load_state_dict_file,
+        match_aliases,
+    )
+
+    import_official(
+        args.maskdino_repo.resolve(), args.detectron2_repo.resolve() if args.detectron2_repo else None, tmp
+    )
+    if args.official_yaml is not None:
+        yaml_path = (
+            args.official_yaml if args.official_yaml.is_file() else args.maskdino_repo / args.official_yaml
+        )
+    elif args.config in OFFICIAL_YAMLS:
+        yaml_path = args.maskdino_repo / OFFICIAL_YAMLS[args.config]
+    else:
+        raise SystemExit(f"no official yaml known for preset {args.config!r}: pass --official-yaml")
+    if not yaml_path.is_file():
+        raise SystemExit(f"official config not found: {yaml_path}")
+    warnings.filterwarnings("ignore", message="torch.meshgrid")  # emitted by the official code
+    device = args.device
+    if device == "cuda" and not args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    print(
+        f"official config: {yaml_path}\nour preset: {args.config} (padding_mode='official'); device: {device}"
+    )
+
+    report = Report(args.atol)
+    off, _ = build_official(yaml_path, device, args.seed)
+    ours = build_ours(args.config, device)
+
+    # ---------------------------------------------------------------- weights and keys
+    if args.weights is not None:
+        src_sd = load_state_dict_file(args.weights)
+        res = off.load_state_dict(src_sd, strict=False)
+        missing = [k for k in res.missing_keys if not k.startswith("criterion.")]
+        report.add(
+            "keys",
+            "checkpoint -> official model",
+            not missing and not res.unexpected_keys,
+            f"{len(src_sd)} keys; missing {missing[:5]} ({len(missing)}), unexpected {res.unexpected_keys[:5]} ({len(res.unexpected_keys)})",
+        )
+    else:
+        randomize(off, args.seed + 1)
+        src_sd = {k: v.detach().clone() for k, v in off.state_dict().items()}
+    conv = match_aliases(convert_official_state_dict(src_sd), ours.state_dict().keys())
+    key_report = load_into_model(ours, conv, strict=False)
+    report.add(
+        "keys",
+        "converted -> ours (strict)",
+        key_report.ok,
+        f"{len(conv)} keys: {key_report.describe(limit=5)}",
+    )
+    if args.weights is not None:
+        try:
+            load_official_checkpoint(args.weights, model=ours, strict=True)
+            report.add("keys", "load_official_checkpoint", True, "strict load ok")
+        except Exception as e:  # report any loading error as a failed check
+            report.add("keys", "load_official_checkpoint", False, f"{type(e).__name__}: {e}")
+    own = ours.state_dict()
+    unequal = [k for k in conv if k in own and not torch.equal(conv[k].to(own[k]), own[k])]
+    report.add("keys", "loaded values", not unequal, f"differ: {unequal[:5]}" if unequal else "all equal")
+    n_off = sum(p.numel() for p in off.parameters())
+    n_ours = sum(p.numel() for p in ours.parameters())
+    report.add("keys", "parameter count", n_off == n_ours, f"official {n_off:,}, ours {n_ours:,}")
+    _check_settings(report, off, ours)
+
+    # ---------------------------------------------------------------- forward
+    images = [im.to(device) for im in _inputs(args)]
+    batch, sizes = ours.preprocess(images)
+    from detectron2.structures import ImageList
+
+    il = ImageList.from_tensors(
+        [(im - off.pixel_mean) / off.pixel_std for im in images], off.size_divisibility
+    )
+    print(
+        f"input: {len(images)} image(s) {[tuple(im.shape[-2:]) for im in images]} -> batch {tuple(batch.shape)}"
+    )
+    report.tensor("input", "normalised batch", batch, il.tensor)
+    x = il.tensor
+    with torch.no_grad():
+        feats_o = off.backbone(x)
+        feats_u = ours.backbone(x)
+        for k in sorted(feats_o):
+            report.tensor("backbone", k, feats_u.get(k), feats_o[k])
+        mf_o, _, ms_o = off.sem_seg_head.pixel_decoder.forward_features(feats_o, None)
+        pd_u = ours.pixel_decoder(feats_o, None)
+        report.tensor("pixel_decoder", "mask_features", pd_u["mask_features"], mf_o)
+        if len(pd_u["multi_scale_features"]) != len(ms_o):
+            report.add(
+                "pixel_decoder", "levels", False, f"{len(pd_u['multi_scale_features'])} vs {len(ms_o)}"
+            )
+        for i, (a, b) in enumerate(zip(pd_u["multi_scale_features"], ms_o)):
+            report.tensor("pixel_decoder", f"multi_scale[{i}]", a, b)
+        head_o, _ = off.sem_seg_head.predictor(ms_o, mf_o, None)
+        head_u = ours.predictor(ms_o, mf_o, None, None)
+        compare_head_with_ties(report, "predictor", head_u, head_o)
+        whole_o, _ = off.sem_seg_head(feats_o)
+        whole_u = ours.network(x, None)
+        perm = compare_head_with_ties(report, "whole model", whole_u, whole_o)
+
+    # ---------------------------------------------------------------- post-processing
+    out_sizes = (
+        [tuple(args.output_size)] * len(images) if args.output_size else [tuple(s) for s in sizes.tolist()]
+    )
+    captured: dict[str, Any] = {}
+    h_o = off.sem_seg_head.register_forward_hook(lambda m, i, o: captured.__setitem__("off", o[0]))
+    h_u = ours.predictor.register_forward_hook(lambda m, i, o: captured.__setitem__("ours", o))
+    try:
+        with torch.no_grad():
+            res_o = off([{"image": im, "height": h, "width": w} for im, (h, w) in zip(images, out_sizes)])
+            preds = ours.predict(images, original_sizes=out_sizes)
+    finally:
+        h_o.remove()
+        h_u.remove()
+    things = set(ours.cfg.inference.thing_classes) if ours.cfg.inference.panoptic_on else None
+    for i in range(len(images)):
+        compare_predictions(
+            report,
+            f"postprocess img{i}",
+            res_o[i],
+            preds[i],
+            captured["off"]["pred_logits"][i],
+            captured["ours"]["pred_logits"][i],
+            None if perm is None else perm[i],
+            args.mask_tol,
+            int(off.test_topk_per_image),
+            things,
+        )
+
+    # ---------------------------------------------------------------- losses
+    if args.losses:
+        compare_losses(report, off, ours, ms_o, mf_o, args.seed, args.loss_rtol, device)
+
+    print()
+    report.print()
+    failures = report.failures
+    print()
+    if failures:
+        print(f"FAILED: {len(failures)} check(s) out of tolerance:")
+        report.print(failures)
+        return 1
+    ties = [r for r in report.rows if r.name == "top-k near tie"]
+    print(
+        f"PASSED: all {len(report.rows)} checks within tolerance"
+        + (f" ({len(ties)} top-k near tie(s) aligned)" if ties else "")
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    with tempfile.TemporaryDirectory(prefix="maskdino_official_") as tmp:
+        return run(args, Path(tmp))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
