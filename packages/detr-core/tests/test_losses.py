@@ -164,6 +164,11 @@ def test_set_criterion_keys_matching_and_dn_normaliser():
     src = dn["pred_boxes"][0, [0, 1, 2, 3]]
     tgt = _targets()[0]["boxes"][[0, 1, 0, 1]]
     assert torch.allclose(losses["loss_bbox_dn"], (src - tgt).abs().sum() / 4)
+    # the denoising part alone gives the same _dn losses
+    dn_only = crit.denoising_losses(dn, _targets(), meta, 2.0)
+    assert set(dn_only) == {k for k in losses if "_dn" in k}
+    for k, v in dn_only.items():
+        torch.testing.assert_close(v, losses[k])
     weighted = crit.weighted(losses)
     assert set(weighted) == set(losses)
     assert torch.allclose(weighted["loss_bbox_dn_1"], losses["loss_bbox_dn_1"] * 5.0)

@@ -388,8 +388,7 @@ class SetCriterion(nn.Module):
         if dn_outputs is not None and meta is not None:
             dn_indices = denoising_indices(targets, meta)
             dn_norm = num_boxes * meta.num_groups
-            dn_levels[None] = {k: v for k, v in dn_outputs.items() if k not in _RESERVED}
-            dn_levels.update(enumerate(dn_outputs.get("aux_outputs") or []))
+            dn_levels = self._denoising_levels(dn_outputs)
         elif self.pad_missing_dn and self.dn_losses:
             # zeros connected to the graph, so that every step has the same keys
             empty = torch.zeros(0, dtype=torch.long, device=device)
@@ -401,10 +400,7 @@ class SetCriterion(nn.Module):
         def denoising(level: int | None) -> dict[str, Tensor]:
             if level not in dn_levels or not self.dn_losses:
                 return {}
-            suffix = "_dn" if level is None else f"_dn_{level}"
-            out = self._compute_losses(
-                self.dn_losses, dn_levels.pop(level), targets, dn_indices, dn_norm, suffix
-            )
+            out = self._denoising_level_losses(level, dn_levels.pop(level), targets, dn_indices, dn_norm)
             return out if dn_scale == 1.0 else {k: v * dn_scale for k, v in out.items()}
 
         # DINO / Mask DINO order: final (matched, then denoising), each aux level (matched, then its denoising),
@@ -435,11 +431,24 @@ class SetCriterion(nn.Module):
         ``num_boxes * meta.num_groups``."""
         indices = denoising_indices(targets, meta)
         nb = num_boxes * meta.num_groups
-        level = {k: v for k, v in dn_outputs.items() if k not in _RESERVED}
-        losses = self._compute_losses(self.dn_losses, level, targets, indices, nb, "_dn")
-        for i, aux in enumerate(dn_outputs.get("aux_outputs") or []):
-            losses.update(self._compute_losses(self.dn_losses, aux, targets, indices, nb, f"_dn_{i}"))
+        losses: dict[str, Tensor] = {}
+        for level, level_outputs in self._denoising_levels(dn_outputs).items():
+            losses.update(self._denoising_level_losses(level, level_outputs, targets, indices, nb))
         return losses
+
+    @staticmethod
+    def _denoising_levels(dn_outputs: dict) -> dict[int | None, dict]:
+        """The denoising outputs by level: None = the final one, ``i`` = ``dn_outputs["aux_outputs"][i]``."""
+        levels: dict[int | None, dict] = {None: {k: v for k, v in dn_outputs.items() if k not in _RESERVED}}
+        levels.update(enumerate(dn_outputs.get("aux_outputs") or []))
+        return levels
+
+    def _denoising_level_losses(
+        self, level: int | None, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float
+    ) -> dict[str, Tensor]:
+        """``dn_losses`` of one denoising level, keyed ``_dn`` (final) or ``_dn_{level}``."""
+        suffix = "_dn" if level is None else f"_dn_{level}"
+        return self._compute_losses(self.dn_losses, outputs, targets, indices, num_boxes, suffix)
 
     def weighted(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``{k: losses[k] * weight_dict[k]}`` for keys with a weight (others, e.g. logging-only, are dropped)."""
