@@ -273,16 +273,6 @@ def randomize(model: nn.Module, seed: int) -> None:
             v.add_(0.02 * normal())
 
 
-def load_image(path: Path) -> Tensor:
-    """``(3, H, W)`` float RGB in ``[0, 255]``."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-
-
 def synthetic_image(h: int, w: int, seed: int) -> Tensor:
     """A structured RGB image in ``[0, 255]``: smooth noise, a few rectangles and a disc."""
     g = torch.Generator().manual_seed(seed)
@@ -859,7 +849,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _inputs(args: argparse.Namespace) -> list[Tensor]:
     if args.image is not None:
-        img = load_image(args.image)
+        from maskdino.data.coco import read_image
+
+        img = read_image(args.image).float()  # (3, H, W) RGB in [0, 255], EXIF orientation applied
         if args.size:
             if len(args.size) > 1:
                 raise SystemExit("--image takes one --size")
