@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from maskdino.config import get_preset
-from maskdino.model import build_model
+from maskdino.modeling.model import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,10 +29,8 @@ def model_and_input():
     torch.manual_seed(0)
     m = build_model(cfg).eval()
     g = torch.Generator().manual_seed(1)
-    batch, sizes = m.preprocess(
-        [torch.rand(3, 64, 64, generator=g) * 255, torch.rand(3, 50, 60, generator=g) * 255]
-    )
-    return m, batch, sizes
+    padded = m.preprocess([torch.rand(3, 64, 64, generator=g) * 255, torch.rand(3, 50, 60, generator=g) * 255])
+    return m, padded.tensor, padded.image_sizes
 
 
 def test_torch_export_matches_eager(model_and_input):

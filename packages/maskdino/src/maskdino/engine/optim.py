@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from maskdino.engine.config import SolverConfig
+from maskdino.config import SolverConfig
 
 __all__ = ["WarmupSchedule", "build_lr_scheduler", "build_optimizer", "clip_gradients", "param_groups"]
 

@@ -17,15 +17,21 @@ memory and time of resizing 300 full-resolution masks).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .structures import Instances, PanopticSegmentation, Prediction
+from ..structures import Instances, PanopticSegmentation, Prediction
+
+if TYPE_CHECKING:
+    from ..config.model import MaskDINOConfig
 
 __all__ = [
+    "TASKS",
+    "MaskDINOPostProcessor",
     "boxes_to_output_size",
     "instance_inference",
     "panoptic_inference",
@@ -73,24 +79,29 @@ def resize_mask_logits(
 
 def boxes_to_output_size(
     boxes_cxcywh: Tensor,
-    padded_size: tuple[int, int],
+    box_frame: tuple[int, int],
     image_size: tuple[int, int],
     output_size: tuple[int, int],
 ) -> Tensor:
-    """Normalised ``(cx, cy, w, h)`` boxes (relative to the PADDED input) -> absolute ``xyxy`` at output size.
+    """Normalised ``(cx, cy, w, h)`` boxes -> absolute ``xyxy`` at the output size.
 
-    As the official ``box_postprocess``: the scale is ``padded / image * output`` per axis and the boxes
-    are not clipped to the image.
+    The boxes are normalised to ``box_frame``: the padded input for the official model (its ``box_postprocess``
+    scales by ``padded / image * output`` per axis), the image itself for a padding-aware model (the scale is then
+    just the output size). Boxes are not clipped to the image, as in the official post-processing.
 
     Args:
-        boxes_cxcywh: ``(Q, 4)`` in ``[0, 1]`` relative to the padded batch tensor.
-        padded_size, image_size, output_size: ``(h, w)`` pairs as in :func:`resize_mask_logits`.
+        boxes_cxcywh: ``(Q, 4)`` in ``[0, 1]`` relative to ``box_frame``.
+        box_frame: ``(h, w)`` the boxes are normalised to. image_size: ``(h, w)`` of the image in the input batch.
+        output_size: ``(H0, W0)`` wanted output size.
 
     Returns:
         ``(Q, 4)`` ``(x0, y0, x1, y1)`` in output pixels.
     """
-    sh = padded_size[0] / image_size[0] * output_size[0]
-    sw = padded_size[1] / image_size[1] * output_size[1]
+    if tuple(box_frame) == tuple(image_size):
+        sh, sw = float(output_size[0]), float(output_size[1])
+    else:
+        sh = box_frame[0] / image_size[0] * output_size[0]
+        sw = box_frame[1] / image_size[1] * output_size[1]
     cx, cy, w, h = boxes_cxcywh.unbind(-1)
     xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], -1)
     scale = torch.tensor([sw, sh, sw, sh], dtype=xyxy.dtype, device=xyxy.device)
@@ -128,7 +139,8 @@ def _binary_masks_and_quality(
     chunk: int = 4,
     rows: Sequence[int] | None = None,
     num_rows: int | None = None,
-) -> tuple[Tensor, Tensor]:
+    store_masks: bool = True,
+) -> tuple[Tensor | None, Tensor]:
     """Binary masks ``logit > 0`` and the mean mask probability inside them, a few queries at a time.
 
     Args:
@@ -137,9 +149,11 @@ def _binary_masks_and_quality(
             sigmoid and sum (about 2x less CPU time than whole-stack passes at 800x1216).
         rows: output row of each of the ``U`` masks (default ``0..U-1``); with ``num_rows`` rows in all, the
             rows not listed are left uninitialised for the caller to fill.
+        store_masks: False computes the qualities only (no ``(num_rows, H, W)`` output is allocated; None is
+            returned for the masks).
 
     Returns:
-        ``masks (num_rows, H, W)`` bool and ``quality (U,)``; an empty mask has quality 0 (the official
+        ``masks (num_rows, H, W)`` bool (or None) and ``quality (U,)``; an empty mask has quality 0 (the official
         ``+ 1e-6``).
     """
     u = mask_logits.shape[0]
@@ -153,14 +167,15 @@ def _binary_masks_and_quality(
         logits = mask_logits[start:stop]
         logits = resize(logits) if resize is not None else logits.clone()
         n = logits.shape[0]
-        if masks is None:
-            masks = torch.empty((num_rows, *logits.shape[-2:]), dtype=torch.bool, device=logits.device)
-        out_rows = rows[start:stop]
-        if out_rows == list(range(out_rows[0], out_rows[0] + n)):
-            torch.gt(logits, 0, out=masks[out_rows[0] : out_rows[0] + n])
-        else:  # straight into each (non-adjacent) output row: no reordering copy of the full-size masks
-            for i, r in enumerate(out_rows):
-                torch.gt(logits[i], 0, out=masks[r])
+        if store_masks:
+            if masks is None:
+                masks = torch.empty((num_rows, *logits.shape[-2:]), dtype=torch.bool, device=logits.device)
+            out_rows = rows[start:stop]
+            if out_rows == list(range(out_rows[0], out_rows[0] + n)):
+                torch.gt(logits, 0, out=masks[out_rows[0] : out_rows[0] + n])
+            else:  # straight into each (non-adjacent) output row: no reordering copy of the full-size masks
+                for i, r in enumerate(out_rows):
+                    torch.gt(logits[i], 0, out=masks[r])
         # The mask again as 0/1 floats, in one buffer reused by every chunk: summing a bool tensor (or
         # multiplying by it) converts it into a fresh int64/float copy each time, which cost more than all the
         # rest here. A float sum of 0/1 is exact (< 2^24 pixels per mask), so the values are the same.
@@ -169,7 +184,7 @@ def _binary_masks_and_quality(
         fg = torch.gt(logits, 0, out=ones[:n])
         inside = logits.sigmoid_().mul_(fg).flatten(1).sum(1)
         quality[start:stop] = inside / (fg.flatten(1).sum(1) + 1e-6)
-    if masks is None:  # no query at all
+    if masks is None and store_masks:  # no query at all
         h, w = mask_logits.shape[-2:] if resize is None else resize(mask_logits[:0]).shape[-2:]
         masks = torch.zeros((num_rows, h, w), dtype=torch.bool, device=mask_logits.device)
     return masks, quality
@@ -182,17 +197,31 @@ def _instances(
     mask_logits: Tensor,
     boxes: Tensor,
     resize: Callable[[Tensor], Tensor] | None = None,
+    score_threshold: float | None = None,
+    chunk: int = 4,
 ) -> Instances:
-    """Instances of the selected (query, class) pairs: masks and mask-quality rescoring per DISTINCT query."""
+    """Instances of the selected (query, class) pairs: masks and mask-quality rescoring per DISTINCT query.
+
+    With ``score_threshold``, instances whose final score is below it are dropped before any of their masks is
+    stored: a first pass computes only the mask qualities, the second makes the masks of the kept instances.
+    """
     # A query selected for several classes is resized and scored once, into the row of its first occurrence;
     # its later rows copy that mask.
     first: dict[int, int] = {}
     source = [first.setdefault(q, k) for k, q in enumerate(query_idx.tolist())]
     distinct = list(first.values())  # rows of first occurrences, ascending
-    masks, quality_distinct = _binary_masks_and_quality(
-        mask_logits[query_idx[distinct]], resize, rows=distinct, num_rows=len(source)
-    )
     slot = {row: i for i, row in enumerate(distinct)}
+    if score_threshold is not None:
+        _, quality_distinct = _binary_masks_and_quality(
+            mask_logits[query_idx[distinct]], resize, chunk=chunk, store_masks=False
+        )
+        quality = quality_distinct[[slot[src] for src in source]] if source else quality_distinct
+        keep = (scores * quality.to(scores.dtype)) >= score_threshold
+        return _instances(scores[keep], labels[keep], query_idx[keep], mask_logits, boxes, resize, None, chunk)
+    masks, quality_distinct = _binary_masks_and_quality(
+        mask_logits[query_idx[distinct]], resize, chunk=chunk, rows=distinct, num_rows=len(source)
+    )
+    assert masks is not None
     for k, src in enumerate(source):
         if src != k:
             masks[k].copy_(masks[src])
@@ -366,6 +395,7 @@ def postprocess_image(
     image_size: tuple[int, int],
     output_size: tuple[int, int],
     *,
+    box_frame: tuple[int, int] | None = None,
     instance_on: bool = True,
     panoptic_on: bool = False,
     semantic_on: bool = False,
@@ -377,6 +407,7 @@ def postprocess_image(
     temperature: float | None = 0.06,
     semantic_resize_first: bool | None = None,
     semantic_chunk: int = 50,
+    score_threshold: float | None = None,
 ) -> Prediction:
     """All requested tasks for one image from the head's low-resolution outputs.
 
@@ -386,14 +417,21 @@ def postprocess_image(
     Args:
         class_logits: ``(Q, C[+1])``.
         mask_logits: ``(Q, h, w)`` head mask logits (1/4 of the padded input).
-        boxes_cxcywh: ``(Q, 4)`` normalised to the padded input; required for instances.
+        boxes_cxcywh: ``(Q, 4)`` normalised to ``box_frame``; required for instances.
         padded_size, image_size, output_size: as in :func:`resize_mask_logits`.
+        box_frame: the ``(h, w)`` the boxes are normalised to (default ``padded_size``, the official model's; a
+            padding-aware model's boxes are normalised to ``image_size``).
         thing_classes: thing ids; required for panoptic; with ``panoptic_on`` the instances keep only
             things, as the official code.
         semantic_resize_first: resize masks before the semantic einsum (official behaviour whenever
             instance or panoptic is on; default) or compute at padded size and resize the probabilities
             (official semantic-only behaviour).
         semantic_chunk: queries resized at a time for the semantic sum (bounds the peak memory).
+        score_threshold: instances scoring below it are dropped before their masks are stored (None: keep all
+            ``top_k``, as the official code).
+
+    Memory: masks are resized to the output size a few queries at a time (fewer for large outputs: at most ~16M
+    pixels per chunk), so the peak grows with the kept instances x output pixels, not with all queries.
     """
     resize: Callable[[Tensor], Tensor] = lambda x: resize_mask_logits(x, padded_size, image_size, output_size)  # noqa: E731
     pred = Prediction()
@@ -402,8 +440,11 @@ def postprocess_image(
             raise ValueError("instance inference needs boxes_cxcywh")
         things = thing_classes if panoptic_on else None
         scores, labels, query_idx = _topk_instances(class_logits, top_k, focal, things)
-        boxes = boxes_to_output_size(boxes_cxcywh, padded_size, image_size, output_size)
-        pred.instances = _instances(scores, labels, query_idx, mask_logits, boxes, resize)
+        frame = padded_size if box_frame is None else box_frame
+        boxes = boxes_to_output_size(boxes_cxcywh, frame, image_size, output_size)
+        pixels = int(output_size[0]) * int(output_size[1])
+        chunk = max(1, min(4, 16_000_000 // max(pixels, 1)))
+        pred.instances = _instances(scores, labels, query_idx, mask_logits, boxes, resize, score_threshold, chunk)
     if panoptic_on:
         if thing_classes is None:
             raise ValueError("panoptic inference needs thing_classes")
@@ -444,3 +485,98 @@ def postprocess_image(
             sem = resize_mask_logits(sem, padded_size, image_size, output_size)
         pred.semantic = sem
     return pred
+
+
+TASKS = ("instance", "panoptic", "semantic")
+
+
+class MaskDINOPostProcessor:
+    """Per-image post-processing with a model's inference settings: the one implementation shared by the PyTorch
+    model and the exported (ONNX / OpenVINO) backends.
+
+    Args:
+        focal: sigmoid class probabilities (False: softmax over ``C + 1``, no-object dropped).
+        tasks: the tasks run by default (a subset of :data:`TASKS`).
+        top_k: instances per image. thing_classes: contiguous ids of things (panoptic; instances of panoptic models).
+        object_mask_threshold, overlap_threshold, temperature: of the panoptic merge (official TEST settings).
+    """
+
+    def __init__(
+        self,
+        *,
+        focal: bool = True,
+        tasks: Iterable[str] = ("instance",),
+        top_k: int = 100,
+        thing_classes: Collection[int] = (),
+        object_mask_threshold: float = 0.25,
+        overlap_threshold: float = 0.8,
+        temperature: float | None = 0.06,
+    ):
+        self.focal = focal
+        self.tasks = self.resolve_tasks(tasks, allow_empty=True)
+        self.top_k = top_k
+        self.thing_classes = frozenset(int(c) for c in thing_classes)
+        self.object_mask_threshold = object_mask_threshold
+        self.overlap_threshold = overlap_threshold
+        self.temperature = temperature
+
+    @classmethod
+    def from_config(cls, cfg: MaskDINOConfig) -> MaskDINOPostProcessor:
+        inf = cfg.inference
+        on = (inf.instance_on, inf.panoptic_on, inf.semantic_on)
+        return cls(
+            focal=not cfg.decoder.semantic_ce_loss,
+            tasks=[t for t, flag in zip(TASKS, on) if flag],
+            top_k=inf.test_topk_per_image,
+            thing_classes=inf.thing_classes,
+            object_mask_threshold=inf.object_mask_threshold,
+            overlap_threshold=inf.overlap_threshold,
+            temperature=inf.temperature,
+        )
+
+    def resolve_tasks(self, tasks: Iterable[str] | None, allow_empty: bool = False) -> frozenset[str]:
+        """``tasks`` checked against :data:`TASKS`; None = the default tasks."""
+        if tasks is None:
+            return self.tasks
+        chosen = frozenset(tasks)
+        unknown = chosen - set(TASKS)
+        if unknown:
+            raise ValueError(f"unknown tasks {sorted(unknown)}; expected a subset of {TASKS}")
+        if not chosen and not allow_empty:
+            raise ValueError(f"no task chosen; expected a non-empty subset of {TASKS}")
+        return chosen
+
+    def __call__(
+        self,
+        class_logits: Tensor,
+        mask_logits: Tensor,
+        boxes_cxcywh: Tensor,
+        padded_size: tuple[int, int],
+        image_size: tuple[int, int],
+        output_size: tuple[int, int],
+        box_frame: tuple[int, int] | None = None,
+        tasks: Iterable[str] | None = None,
+        score_threshold: float | None = None,
+    ) -> Prediction:
+        """:func:`postprocess_image` of one image's head outputs with these settings (``tasks``: default ours;
+        ``score_threshold``: drop weaker instances before their masks are made)."""
+        chosen = self.resolve_tasks(tasks)
+        return postprocess_image(
+            class_logits,
+            mask_logits,
+            boxes_cxcywh,
+            padded_size,
+            image_size,
+            output_size,
+            box_frame=box_frame,
+            instance_on="instance" in chosen,
+            panoptic_on="panoptic" in chosen,
+            semantic_on="semantic" in chosen,
+            focal=self.focal,
+            top_k=self.top_k,
+            thing_classes=self.thing_classes,
+            object_mask_threshold=self.object_mask_threshold,
+            overlap_threshold=self.overlap_threshold,
+            temperature=self.temperature,
+            score_threshold=score_threshold,
+        )

@@ -13,8 +13,8 @@ Official ``MaskDINOEncoder`` (``maskdino/modeling/pixel_decoder/maskdino_encoder
   ``layer_1`` (Conv3x3 no bias + GN + ReLU), ``mask_features`` (Conv1x1 + bias).
 
 Padding (deviation from the official code, switchable): the official head passes no padding mask, so the
-padding of a batch is image content. With ``image_sizes`` given, masked tokens and valid ratios go to the
-encoder, the sine embedding is normalised by each image's valid extent, GroupNorm statistics are taken over
+padding of a batch is image content. For a masked :class:`~detr_core.padding.PaddedBatch`, masked tokens and valid
+ratios go to the encoder, the sine embedding is normalised by each image's valid extent, GroupNorm statistics are taken over
 valid positions only, convolutions see zeros outside the valid region and the 1/8 map is edge-replicated
 before upsampling; an image then gets the same features inside its valid region whatever the padding.
 """
@@ -22,27 +22,30 @@ before upsampling; an image then gets the same features inside its valid region 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detr_core.backbone import ShapeSpec
 from detr_core.encoder import DeformableEncoder, flatten_levels
 from detr_core.layers import xavier_init_deformable_
+from detr_core.padding import PaddedBatch
 from detr_core.position_encoding import PositionEmbeddingSine
 
-from .backbone.resnet import ShapeSpec, padding_mask, valid_sizes
-from .config import PixelDecoderConfig
-from .winograd import conv2d_inference
+from ..config.model import PixelDecoderConfig
+from ..cpu_inference.winograd import conv2d_inference
 
 __all__ = [
     "ConvNorm",
     "EncoderOnly",
     "MaskDINOPixelDecoder",
     "PixelDecoderOutput",
+    "c2_xavier_fill",
     "masked_group_norm",
-    "replicate_outside",
 ]
 
 
@@ -69,25 +72,6 @@ def masked_group_norm(x: Tensor, gn: nn.GroupNorm, pad: Tensor | None) -> Tensor
     if gn.affine:
         y = y * gn.weight[None, :, None, None] + gn.bias[None, :, None, None]
     return y
-
-
-def replicate_outside(x: Tensor, sizes: Tensor) -> Tensor:
-    """Replace every position outside the valid ``sizes`` region by the nearest valid one (edge replicate).
-
-    Bilinear resampling near the valid border then reads what it would read at the border of the unpadded map.
-
-    Args:
-        x: ``(B, C, H, W)``. sizes: ``(B, 2)`` int64 valid ``(h, w)`` (>= 1).
-    """
-    b, c, h, w = x.shape
-    rows = torch.minimum(torch.arange(h, device=x.device)[None], sizes[:, 0:1] - 1)  # (B, H)
-    cols = torch.minimum(torch.arange(w, device=x.device)[None], sizes[:, 1:2] - 1)  # (B, W)
-    x = x.gather(2, rows[:, None, :, None].expand(b, c, h, w))
-    return x.gather(3, cols[:, None, None, :].expand(b, c, h, w))
-
-
-def _zero_pad(x: Tensor, pad: Tensor | None) -> Tensor:
-    return x if pad is None else x.masked_fill(pad[:, None], 0.0)
 
 
 def c2_xavier_fill(conv: nn.Conv2d) -> None:
@@ -145,15 +129,21 @@ class EncoderOnly(nn.Module):
         nn.init.normal_(self.level_embed)
 
 
-class PixelDecoderOutput(dict):
-    """Outputs of :class:`MaskDINOPixelDecoder` (a dict so that it traces/exports cleanly).
+@dataclass
+class PixelDecoderOutput:
+    """Outputs of :class:`MaskDINOPixelDecoder`.
 
-    Keys:
-        mask_features: ``(B, mask_dim, H/4, W/4)``.
-        multi_scale_features: list of ``L`` maps ``(B, conv_dim, H_l, W_l)`` in the encoder's level order.
-        multi_scale_masks: list of ``L`` ``(B, H_l, W_l)`` bool padding masks, or None (no padding info).
-        mask_features_pad: ``(B, H/4, W/4)`` bool padding mask of the mask features, or None.
+    Attributes:
+        mask_features: ``(B, mask_dim, H/4, W/4)`` (channels-last strided in CPU inference).
+        multi_scale_features: ``L`` maps ``(B, conv_dim, H_l, W_l)`` in the encoder's level order.
+        strides: the stride of each of those maps (for their padding masks: ``batch.padding_mask(shape, stride)``).
+        mask_stride: the stride of ``mask_features`` (the common stride, 4).
     """
+
+    mask_features: Tensor
+    multi_scale_features: list[Tensor]
+    strides: list[int]
+    mask_stride: int
 
 
 class MaskDINOPixelDecoder(nn.Module):
@@ -161,33 +151,53 @@ class MaskDINOPixelDecoder(nn.Module):
 
     Args:
         input_shape: ``{name: ShapeSpec}`` of the backbone outputs.
-        cfg: :class:`PixelDecoderConfig`.
+        in_features: backbone features used (SEM_SEG_HEAD.IN_FEATURES), e.g. ``res2..res5``.
+        transformer_in_features: those that enter the encoder, e.g. ``res3..res5``.
+        total_num_feature_levels: encoder levels including the extra stride-2 levels.
+        conv_dim: width of the encoder and the mask features' convolutions. mask_dim: channels of the mask features.
+        num_encoder_layers, dim_feedforward, nheads, n_points, dropout: of the deformable encoder.
+        common_stride: stride of the mask features (4).
+        feature_order: ``low2high`` ([1/8, ..., 1/64]) or ``high2low`` token order in the encoder.
     """
 
-    def __init__(self, input_shape: Mapping[str, ShapeSpec], cfg: PixelDecoderConfig):
+    def __init__(
+        self,
+        input_shape: Mapping[str, ShapeSpec],
+        *,
+        in_features: Sequence[str],
+        transformer_in_features: Sequence[str],
+        total_num_feature_levels: int,
+        conv_dim: int = 256,
+        mask_dim: int = 256,
+        num_encoder_layers: int = 6,
+        dim_feedforward: int = 2048,
+        nheads: int = 8,
+        n_points: int = 4,
+        dropout: float = 0.0,
+        common_stride: int = 4,
+        feature_order: Literal["low2high", "high2low"] = "low2high",
+    ):
         super().__init__()
-        self.cfg = cfg
-        shapes = {k: v for k, v in input_shape.items() if k in cfg.in_features}
-        missing = set(cfg.in_features) - set(shapes)
+        shapes = {k: v for k, v in input_shape.items() if k in in_features}
+        missing = set(in_features) - set(shapes)
         if missing:
             raise ValueError(f"pixel decoder needs backbone features {sorted(missing)}")
         self.in_features = sorted(shapes, key=lambda k: shapes[k].stride)  # res2 .. res5
         self.feature_strides = [shapes[k].stride for k in self.in_features]
         self.feature_channels = [shapes[k].channels for k in self.in_features]
-        self.feature_order = cfg.feature_order
-        self.common_stride = cfg.common_stride
-        conv_dim = cfg.conv_dim
+        self.feature_order = feature_order
+        self.common_stride = common_stride
         groups = 32 if conv_dim % 32 == 0 else math.gcd(conv_dim, 32)
 
         # Encoder inputs in the ENCODER's level order before any extra level: high->low resolution for
         # low2high (res3, res4, res5), low->high for high2low (res5, res4, res3).
-        trans = [k for k in self.in_features if k in cfg.transformer_in_features]
-        if len(trans) != len(cfg.transformer_in_features):
+        trans = [k for k in self.in_features if k in transformer_in_features]
+        if len(trans) != len(transformer_in_features):
             raise ValueError("transformer_in_features must be a subset of in_features")
         self.transformer_in_features = trans if self.feature_order == "low2high" else trans[::-1]
         self.transformer_strides = [shapes[k].stride for k in self.transformer_in_features]
         self.num_inputs = len(trans)
-        self.total_num_feature_levels = cfg.total_num_feature_levels
+        self.total_num_feature_levels = total_num_feature_levels
         self.num_extra = self.total_num_feature_levels - self.num_inputs
         lowest = max(trans, key=lambda k: shapes[k].stride)
         self.lowest_feature = lowest
@@ -219,16 +229,16 @@ class MaskDINOPixelDecoder(nn.Module):
 
         self.transformer = EncoderOnly(
             d_model=conv_dim,
-            nhead=cfg.nheads,
-            num_layers=cfg.num_encoder_layers,
-            d_ffn=cfg.dim_feedforward,
-            dropout=cfg.dropout,
+            nhead=nheads,
+            num_layers=num_encoder_layers,
+            d_ffn=dim_feedforward,
+            dropout=dropout,
             n_levels=self.total_num_feature_levels,
-            n_points=cfg.n_points,
+            n_points=n_points,
         )
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
-        self.mask_dim = cfg.mask_dim
-        self.mask_features = nn.Conv2d(conv_dim, cfg.mask_dim, kernel_size=1)
+        self.mask_dim = mask_dim
+        self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=1)
         c2_xavier_fill(self.mask_features)
 
         self.num_fpn_levels = max(
@@ -243,17 +253,34 @@ class MaskDINOPixelDecoder(nn.Module):
             0 if self.feature_order == "low2high" else self.total_num_feature_levels - 1
         )
 
+    @classmethod
+    def from_config(cls, input_shape: Mapping[str, ShapeSpec], cfg: PixelDecoderConfig) -> MaskDINOPixelDecoder:
+        """Built from a :class:`~maskdino.config.PixelDecoderConfig` (every field has the official default)."""
+        return cls(
+            input_shape,
+            in_features=cfg.in_features,
+            transformer_in_features=cfg.transformer_in_features,
+            total_num_feature_levels=cfg.total_num_feature_levels,
+            conv_dim=cfg.conv_dim,
+            mask_dim=cfg.mask_dim,
+            num_encoder_layers=cfg.num_encoder_layers,
+            dim_feedforward=cfg.dim_feedforward,
+            nheads=cfg.nheads,
+            n_points=cfg.n_points,
+            dropout=cfg.dropout,
+            common_stride=cfg.common_stride,
+            feature_order=cfg.feature_order,
+        )
+
     def output_strides(self) -> list[int]:
         """Stride of every multi-scale feature level, in the encoder's (= output list) order."""
         return list(self.level_strides)
 
-    def forward(
-        self, features: Mapping[str, Tensor], image_sizes: Tensor | None = None
-    ) -> PixelDecoderOutput:
+    def forward(self, features: Mapping[str, Tensor], batch: PaddedBatch) -> PixelDecoderOutput:
         """
         Args:
             features: backbone maps ``{name: (B, C, H_s, W_s)}``.
-            image_sizes: ``(B, 2)`` int64 unpadded ``(h, w)`` or None (official: no padding mask).
+            batch: the padded input batch (only its padding is used: masked or treated as content).
 
         Returns:
             :class:`PixelDecoderOutput`.
@@ -262,18 +289,15 @@ class MaskDINOPixelDecoder(nn.Module):
         if torch.is_autocast_enabled(device_type):
             # deformable attention is run in float32 as in the official code
             with torch.autocast(device_type=device_type, enabled=False):
-                return self._forward({k: v.float() for k, v in features.items()}, image_sizes)
-        return self._forward({k: v.float() for k, v in features.items()}, image_sizes)
+                return self._forward({k: v.float() for k, v in features.items()}, batch)
+        return self._forward({k: v.float() for k, v in features.items()}, batch)
 
-    def _pad(self, image_sizes: Tensor | None, x: Tensor, stride: int) -> Tensor | None:
-        return None if image_sizes is None else padding_mask(image_sizes, x.shape[-2:], stride)
-
-    def _forward(self, features: Mapping[str, Tensor], image_sizes: Tensor | None) -> PixelDecoderOutput:
+    def _forward(self, features: Mapping[str, Tensor], batch: PaddedBatch) -> PixelDecoderOutput:
         srcs: list[Tensor] = []
         pads: list[Tensor | None] = []
         for i, name in enumerate(self.transformer_in_features):
             x = features[name]
-            pad = self._pad(image_sizes, x, self.transformer_strides[i])
+            pad = batch.padding_mask(x.shape[-2:], self.transformer_strides[i])
             proj = self.input_proj[i]
             srcs.append(masked_group_norm(proj[0](x), proj[1], pad))
             pads.append(pad)
@@ -283,11 +307,11 @@ class MaskDINOPixelDecoder(nn.Module):
         stride = dict(zip(self.in_features, self.feature_strides))[self.lowest_feature]
         for j in range(self.num_extra):
             # zero outside the image so that the strided 3x3 conv sees the same border as an unpadded map
-            x = _zero_pad(x, self._pad(image_sizes, x, stride))
+            x = batch.zero_padding(x, stride)
             stride *= 2
             proj = self.input_proj[self.num_inputs + j]
             y = proj[0](x)
-            pad = self._pad(image_sizes, y, stride)
+            pad = batch.padding_mask(y.shape[-2:], stride)
             x = masked_group_norm(y, proj[1], pad)
             extra.append(x)
             extra_pads.append(pad)
@@ -326,23 +350,21 @@ class MaskDINOPixelDecoder(nn.Module):
             for z, (h, w) in zip(memory.split(areas, dim=1), shapes)
         ]
         multi_scale = out[: self.total_num_feature_levels]
-        high = out[self.high_resolution_index]
-        high_stride = self.level_strides[self.high_resolution_index]
-        if image_sizes is not None:
-            high = replicate_outside(high, valid_sizes(image_sizes, high_stride))
+        high = batch.replicate_padding(
+            out[self.high_resolution_index], self.level_strides[self.high_resolution_index]
+        )
         y = high
-        fpn_pad: Tensor | None = None
         for i, name in reversed(list(enumerate(self.fpn_features))):
             x = features[name]
             stride = self.feature_strides[i]
-            fpn_pad = self._pad(image_sizes, x, stride)
+            fpn_pad = batch.padding_mask(x.shape[-2:], stride)
             lateral = getattr(self, f"adapter_{i + 1}")(x, fpn_pad)
             # official quirk: every FPN level upsamples the encoder's highest-resolution map
             y = lateral + F.interpolate(high, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
-            y = getattr(self, f"layer_{i + 1}")(_zero_pad(y, fpn_pad), fpn_pad)
+            y = getattr(self, f"layer_{i + 1}")(batch.zero_padding(y, stride), fpn_pad)
         return PixelDecoderOutput(
             mask_features=self.mask_features(y),
             multi_scale_features=multi_scale,
-            multi_scale_masks=None if image_sizes is None else pads,
-            mask_features_pad=fpn_pad,
+            strides=list(self.level_strides),
+            mask_stride=self.feature_strides[0],
         )

@@ -29,7 +29,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
 from torch import Tensor, nn
 
-from .resnet import ShapeSpec
+from detr_core.backbone import ShapeSpec
+from detr_core.padding import PaddedBatch
+
+from ...config.model import BackboneConfig
 
 __all__ = ["SWIN_VARIANTS", "SwinTransformer", "build_swin", "build_swin_backbone"]
 
@@ -421,7 +424,7 @@ class SwinTransformer(nn.Module):
     @property
     def supports_padding_mask(self) -> bool:
         # Windows would mix padded and valid tokens (as they do in the official model): the padding-aware model
-        # instead runs each image at its own size (MaskDINO._backbone_at_own_sizes).
+        # instead runs each image at its own size (maskdino.modeling.model.backbone_at_own_sizes).
         return False
 
     def freeze(self, freeze_at: int) -> None:
@@ -435,17 +438,19 @@ class SwinTransformer(nn.Module):
     def size_divisibility(self) -> int:
         return 32
 
-    def forward(self, x: Tensor, image_sizes: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, batch: PaddedBatch | Tensor) -> dict[str, Tensor]:
         """
         Args:
-            x: ``(B, 3, H, W)`` normalised image batch (any H, W; padded internally).
-            image_sizes: accepted for interface parity with the ResNet backbone and ignored: padding is
-                treated as image content, as in the official model (the padding-aware model never passes it).
+            batch: ``(B, 3, H, W)`` normalised images (any H, W; padded internally), as a
+                :class:`~detr_core.padding.PaddedBatch` or a plain tensor. Its padding is treated as image content,
+                as in the official model (``supports_padding_mask`` is False: a padding-exact model runs each image
+                at its own size instead).
 
         Returns:
             ``{"res2": (B, C, ceil(H/4), ceil(W/4)), ..., "res5": (B, 8C, ~H/32, ~W/32)}`` for the
             requested ``out_features``.
         """
+        x = batch.tensor if isinstance(batch, PaddedBatch) else batch
         if x.dim() != 4:
             raise ValueError(f"SwinTransformer expects (B, C, H, W), got {tuple(x.shape)}")
         x = self.patch_embed(x)
@@ -497,7 +502,7 @@ def load_swin_pretrained(model: SwinTransformer, path: str) -> None:
         RuntimeError: naming missing / unexpected keys (the head, the final ``norm`` and ``attn_mask``
             buffers are ignored; the output norms ``norm0..3`` are new and may be missing).
     """
-    from ..checkpoint import load_state_dict_file
+    from detr_core.checkpoint import load_state_dict_file
 
     sd = load_state_dict_file(path)
     sd = {k.removeprefix("backbone."): v for k, v in sd.items()}
@@ -512,7 +517,7 @@ def load_swin_pretrained(model: SwinTransformer, path: str) -> None:
         raise RuntimeError(f"Swin weights {path}: missing {missing}, unexpected {unexpected}")
 
 
-def build_swin_backbone(cfg) -> SwinTransformer:
+def build_swin_backbone(cfg: BackboneConfig) -> SwinTransformer:
     """Swin backbone from a :class:`maskdino.config.BackboneConfig` (``name`` = ``swin_t|swin_s|swin_b|swin_l``).
 
     ``swin_l`` is the 384-pretrained window-12 model of the released Mask DINO Swin-L checkpoints; the

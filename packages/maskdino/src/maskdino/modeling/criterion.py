@@ -16,9 +16,18 @@ from collections.abc import Collection
 import torch
 from torch import Tensor
 
-from detr_core.losses import BoxLoss, CrossEntropyLabelLoss, FocalLabelLoss, PointMaskLoss, SetCriterion
+from detr_core.losses import (
+    BoxLoss,
+    CrossEntropyLabelLoss,
+    FocalLabelLoss,
+    PointMaskLoss,
+    SetCriterion,
+    expand_weight_dict,
+)
+from detr_core.outputs import DetectionOutputs, QueryPredictions
 
-from .config import MaskDINOConfig
+from ..config.model import MaskDINOConfig
+from .denoising import denoising_loss_names
 from .matcher import GIOU_EPS, build_matcher
 
 __all__ = ["MaskDINOCriterion", "PanopticBoxLoss", "build_criterion", "build_weight_dict"]
@@ -34,33 +43,26 @@ class PanopticBoxLoss(BoxLoss):
         self.thing_classes = sorted(set(thing_classes))
 
     def __call__(
-        self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float
+        self, pred: QueryPredictions, targets: list[dict], indices: Indices, num_boxes: float
     ) -> dict[str, Tensor]:
         kept = []
         for t, (src, tgt) in zip(targets, indices):
-            things = torch.isin(
-                t["labels"][tgt], torch.as_tensor(self.thing_classes, device=t["labels"].device)
-            )
+            things = torch.isin(t["labels"][tgt], torch.as_tensor(self.thing_classes, device=t["labels"].device))
             kept.append((src[things.to(src.device)], tgt[things]))
-        return super().__call__(outputs, targets, kept, num_boxes)
+        return super().__call__(pred, targets, kept, num_boxes)
 
 
 def build_weight_dict(cfg: MaskDINOConfig) -> dict[str, float]:
-    """Every weighted loss key, as the official ``MaskDINO.from_config``."""
+    """The weight of every loss key the criterion emits, with the official values: class / mask / dice / box / GIoU
+    for the final output, each auxiliary level (``_{i}``), the encoder output (``_interm``) and the denoising
+    outputs (``_dn``, ``_dn_{i}``)."""
     lc, dc = cfg.loss, cfg.decoder
     base = {"loss_ce": lc.class_weight, "loss_mask": lc.mask_weight, "loss_dice": lc.dice_weight}
     if lc.box_loss:
         base.update({"loss_bbox": lc.box_weight, "loss_giou": lc.giou_weight})
-    weights = dict(base)
-    if dc.two_stage:
-        weights.update({f"{k}_interm": v for k, v in base.items()})
-    if dc.dn == "seg":
-        weights.update({f"{k}_dn": v for k, v in list(weights.items())})
-    if lc.deep_supervision:
-        level = dict(weights)
-        for i in range(dc.dec_layers):
-            weights.update({f"{k}_{i}": v for k, v in level.items()})
-    return weights
+    return expand_weight_dict(
+        base, num_aux=dc.dec_layers if lc.deep_supervision else 0, interm=dc.two_stage, dn=dc.dn == "seg"
+    )
 
 
 _DN_AUX = re.compile(r"_dn_(\d+)$")
@@ -78,7 +80,7 @@ class MaskDINOCriterion(SetCriterion):
         super().__init__(*args, **kwargs)
         self.dn_aux_start = dn_aux_start
 
-    def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    def forward(self, outputs: DetectionOutputs, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         losses = super().forward(outputs, targets)
         if self.dn_aux_start:
             losses = {
@@ -106,7 +108,7 @@ def build_criterion(cfg: MaskDINOConfig) -> MaskDINOCriterion:
         build_matcher(lc),
         losses,
         build_weight_dict(cfg),
-        dn_losses=list(losses) if dc.dn == "seg" else [],
+        dn_losses=denoising_loss_names(dc.dn, list(losses)),
         pad_missing_dn=dc.dn == "seg",
         dn_aux_start=0 if dc.two_stage else 1,
     )

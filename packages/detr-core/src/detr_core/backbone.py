@@ -1,20 +1,23 @@
-"""ResNet backbones (torchvision layout, FrozenBatchNorm2d) returning ``res2``..``res5`` with their shapes.
+"""Backbones for DETR-family detectors: the ``Backbone`` contract and torchvision ResNets with frozen norms.
 
-Module names are torchvision's (``conv1``, ``bn1``, ``layer1``..``layer4``) so that torchvision ImageNet
-weights load directly; the official detectron2 layout (``stem.conv1``, ``res2.0.conv1.norm``...) is mapped
-by :mod:`maskdino.checkpoint`. ``STRIDE_IN_1X1: False`` in the official configs = torchvision's stride on the
-3x3 conv.
+A backbone maps a :class:`~detr_core.padding.PaddedBatch` of normalised images to named feature maps
+(``{"res2": (B, C2, H/4, W/4), ..., "res5": (B, C5, H/32, W/32)}``) and describes them with ``output_shape()``
+(channels and stride of each, detectron2's ``ShapeSpec``). Heads are built from that description, so any module that
+honours the contract (ResNet here, Swin in maskdino, your own) can be swapped in.
 
-Padding awareness: given the unpadded ``image_sizes`` of a padded batch, every activation that a spatial
-operator (3x3/7x7 conv, max-pool) reads is zeroed outside the valid region. A padded image then produces,
-inside its valid region, exactly the features it produces alone (zero padding at the image border is what
-the convolutions see in both cases; after a ReLU the max-pool's ``-inf`` padding and a 0 give the same max).
+:class:`ResNetBackbone` keeps torchvision's module names (``conv1``, ``bn1``, ``layer1``..``layer4``), so torchvision
+ImageNet weights load directly; ``STRIDE_IN_1X1: False`` in detectron2 configs is torchvision's stride on the 3x3
+conv. Padding awareness: when the batch is masked, every activation that a spatial operator (3x3/7x7 conv,
+max-pool) reads is zeroed outside the valid region, so a padded image produces, inside its valid region, exactly the
+features it produces alone (zero padding at the image border is what the convolutions see in both cases; after a
+ReLU the max-pool's ``-inf`` padding and a 0 give the same max).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +26,9 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-__all__ = ["ResNetBackbone", "ShapeSpec", "padding_mask", "valid_sizes"]
+from .padding import PaddedBatch
+
+__all__ = ["Backbone", "ResNetBackbone", "ShapeSpec"]
 
 
 @dataclass(frozen=True)
@@ -34,37 +39,21 @@ class ShapeSpec:
     stride: int
 
 
-def valid_sizes(image_sizes: Tensor, stride: int) -> Tensor:
-    """Unpadded ``(h, w)`` at ``stride``: ``ceil(size / stride)``.
+@runtime_checkable
+class Backbone(Protocol):
+    """What a detector needs of its backbone.
 
-    This is exact for every stride-2 layer of the model (``k=1,p=0``, ``k=3,p=1``, ``k=7,p=3``), since
-    ``ceil(ceil(a / b) / c) == ceil(a / (b c))``.
-
-    Args:
-        image_sizes: ``(B, 2)`` int64 ``(h, w)`` of each image inside the padded batch.
-        stride: feature stride.
-
-    Returns:
-        ``(B, 2)`` int64.
+    ``supports_padding_mask``: True when the backbone itself keeps padded batches exact (it reads
+    ``batch.masked`` / ``batch.zero_padding``); False when padding leaks into its features (e.g. Swin's windows),
+    in which case a padding-exact model runs each image at its own size instead.
     """
-    return torch.div(image_sizes + (stride - 1), stride, rounding_mode="floor")
 
+    @property
+    def supports_padding_mask(self) -> bool: ...
 
-def padding_mask(image_sizes: Tensor, shape: tuple[int, int] | torch.Size, stride: int) -> Tensor:
-    """``(B, H, W)`` bool, True at padded positions of a feature map of ``shape`` at ``stride``."""
-    sizes = valid_sizes(image_sizes, stride)
-    h, w = int(shape[0]), int(shape[1])
-    rows = torch.arange(h, device=image_sizes.device)[None, :] >= sizes[:, 0:1]  # (B, H)
-    cols = torch.arange(w, device=image_sizes.device)[None, :] >= sizes[:, 1:2]  # (B, W)
-    return rows[:, :, None] | cols[:, None, :]
+    def output_shape(self) -> dict[str, ShapeSpec]: ...
 
-
-def _zero_padding(x: Tensor, image_sizes: Tensor | None, stride: int, inplace: bool = False) -> Tensor:
-    """Zero ``x`` outside the valid region; ``inplace`` (a fresh inference activation) also keeps its layout."""
-    if image_sizes is None:
-        return x
-    pad = padding_mask(image_sizes, x.shape[-2:], stride)[:, None]
-    return x.masked_fill_(pad, 0.0) if inplace else x.masked_fill(pad, 0.0)
+    def __call__(self, batch: PaddedBatch) -> dict[str, Tensor]: ...
 
 
 def _conv_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor, fold: bool) -> Tensor:
@@ -150,16 +139,17 @@ class ResNetBackbone(nn.Module):
                 for p in m.parameters():
                     p.requires_grad_(False)
 
-    def forward(self, x: Tensor, image_sizes: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, batch: PaddedBatch) -> dict[str, Tensor]:
         """
         Args:
-            x: ``(B, 3, H, W)`` normalised images, padded with zeros at the bottom/right.
-            image_sizes: ``(B, 2)`` int64 unpadded ``(h, w)``; None = treat padding as content (official).
+            batch: ``(B, 3, H, W)`` normalised images zero-padded at the bottom/right; when ``batch.masked`` the
+                padding is kept out of the features (see the module docstring), otherwise it is image content.
 
         Returns:
             ``{"res2": (B, C2, H/4, W/4), ..., "res5": (B, C5, H/32, W/32)}`` (only ``out_features``); in
             CPU inference with folded norms the maps are channels-last strided (same values).
         """
+        x = batch.tensor
         fold = self._can_fold()
         # CPU inference runs the convolutions channels-last (oneDNN's native layout: ~20% less backbone time
         # at 800x1216) and returns the maps in that layout: the pixel decoder's convolutions want it too, and
@@ -169,19 +159,16 @@ class ResNetBackbone(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         x = _conv_bn(self.conv1, self.bn1, x, fold)
         x = x.relu_() if fold else self.relu(x)
-        if image_sizes is not None:
-            # zero the padding before the pool (a window at the border must not see padded activations) and
-            # after it (a padded output whose window reaches back into the image is not zero)
-            x = _zero_padding(self.maxpool(_zero_padding(x, image_sizes, 2, fold)), image_sizes, 4, fold)
-        else:
-            x = self.maxpool(x)
+        # zero the padding before the pool (a window at the border must not see padded activations) and after it
+        # (a padded output whose window reaches back into the image is not zero); no-ops for an unmasked batch
+        x = batch.zero_padding(self.maxpool(batch.zero_padding(x, 2, fold)), 4, fold)
         out = {}
         stride = 4
         for i, layer in enumerate([self.layer1, self.layer2, self.layer3, self.layer4]):
             if i > 0:
                 stride *= 2
             for block in layer:
-                x = self._block(block, x, image_sizes, stride, fold)
+                x = self._block(block, x, batch, stride, fold)
             name = f"res{i + 2}"
             if name in self.out_features:
                 out[name] = x
@@ -197,19 +184,17 @@ class ResNetBackbone(nn.Module):
         )
 
     @staticmethod
-    def _block(
-        block: nn.Module, x: Tensor, image_sizes: Tensor | None, stride: int, fold: bool = False
-    ) -> Tensor:
+    def _block(block: nn.Module, x: Tensor, batch: PaddedBatch, stride: int, fold: bool = False) -> Tensor:
         """One residual block; ``x`` is already zero outside the valid region (at ``stride`` of its input).
 
-        Without ``image_sizes`` (nothing padded) no padding work is done at all; ``fold`` (inference) folds
-        the frozen norms into the convolutions and runs the ReLUs and the residual sum in place.
+        For an unmasked batch no padding work is done at all; ``fold`` (inference) folds the frozen norms into the
+        convolutions and runs the ReLUs and the residual sum in place.
         """
-        if image_sizes is None and not fold:
+        if not batch.masked and not fold:
             return block(x)
 
         def zero(t: Tensor, s: int) -> Tensor:
-            return t if image_sizes is None else _zero_padding(t, image_sizes, s, fold)
+            return batch.zero_padding(t, s, fold)
 
         def relu(t: Tensor) -> Tensor:
             return t.relu_() if fold else block.relu(t)

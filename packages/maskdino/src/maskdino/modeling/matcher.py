@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from detr_core.matcher import BoxL1Cost, FocalClassCost, GIoUCost, HungarianMatcher, PointMaskCost
 
-from .config import LossConfig
+from ..config.model import LossConfig
 
 __all__ = ["GIOU_EPS", "build_matcher"]
 
