@@ -16,8 +16,9 @@ ReLU the max-pool's ``-inf`` padding and a 0 give the same max).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -56,12 +57,13 @@ class Backbone(Protocol):
     def __call__(self, batch: PaddedBatch) -> dict[str, Tensor]: ...
 
 
-def _conv_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor, fold: bool) -> Tensor:
+def _conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor, fold: bool) -> Tensor:
     """``bn(conv(x))``; with ``fold`` (a FrozenBatchNorm2d, no autograd) the frozen affine map is folded into
     the convolution's weight and bias, so the normalisation costs no extra pass over the activation (two full
     passes and two fresh buffers per layer otherwise). Equal up to float rounding of ``weight * scale``."""
     if not fold:
         return bn(conv(x))
+    assert isinstance(bn, FrozenBatchNorm2d) and isinstance(conv, nn.Conv2d)
     scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
     bias = bn.bias - bn.running_mean * scale
     if conv.bias is not None:
@@ -88,7 +90,7 @@ class ResNetBackbone(nn.Module):
     def __init__(
         self,
         depth: int = 50,
-        out_features: tuple[str, ...] | list[str] = ("res2", "res3", "res4", "res5"),
+        out_features: Sequence[str] = ("res2", "res3", "res4", "res5"),
         freeze_at: int = 0,
         norm: str = "FrozenBN",
         weights: str | Path | None = None,
@@ -197,9 +199,10 @@ class ResNetBackbone(nn.Module):
             return batch.zero_padding(t, s, fold)
 
         def relu(t: Tensor) -> Tensor:
-            return t.relu_() if fold else block.relu(t)
+            return t.relu_() if fold else cast(nn.Module, block.relu)(t)
 
         ds = block.downsample
+        assert ds is None or isinstance(ds, nn.Sequential)
         identity = x if ds is None else _conv_bn(ds[0], ds[1], x, fold)
         if isinstance(block, Bottleneck):
             out = relu(_conv_bn(block.conv1, block.bn1, x, fold))

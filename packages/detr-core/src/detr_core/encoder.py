@@ -86,8 +86,9 @@ def flatten_levels(maps: Sequence[Tensor], masks: Sequence[Tensor | None] | None
         padding_mask = None
         ratios = tokens.new_ones(tokens.shape[0], len(maps), 2)
     else:
-        padding_mask = torch.cat([m.flatten(1) for m in masks], 1)
-        ratios = torch.stack([mask_valid_ratios(m) for m in masks], 1)
+        given = [m for m in masks if m is not None]
+        padding_mask = torch.cat([m.flatten(1) for m in given], 1)
+        ratios = torch.stack([mask_valid_ratios(m) for m in given], 1)
     return FlatLevels(tokens, padding_mask, spatial_shapes, starts, ratios, shapes)
 
 

@@ -132,12 +132,12 @@ class PointMaskCost:
         self._points(_need(pred.masks, "masks", self).device)
 
     def __call__(self, pred: QueryPredictions, target: dict[str, Tensor]) -> Tensor:
-        pred = _need(pred.masks, "masks", self).float()
-        tgt = target["masks"].to(device=pred.device, dtype=torch.float32)
-        coords = self._points(pred.device)
+        masks = _need(pred.masks, "masks", self).float()
+        tgt = target["masks"].to(device=masks.device, dtype=torch.float32)
+        coords = self._points(masks.device)
         # float32 throughout: under autocast the (Q, P) x (P, n) products would otherwise run in half precision
-        with torch.autocast(device_type=pred.device.type, enabled=False):
-            p = point_sample(pred[:, None], coords.expand(pred.shape[0], -1, -1)).squeeze(1)  # (Q, P)
+        with torch.autocast(device_type=masks.device.type, enabled=False):
+            p = point_sample(masks[:, None], coords.expand(masks.shape[0], -1, -1)).squeeze(1)  # (Q, P)
             t = point_sample(tgt[:, None], coords.expand(tgt.shape[0], -1, -1)).squeeze(1)  # (n, P)
             pos = F.binary_cross_entropy_with_logits(p, torch.ones_like(p), reduction="none")
             neg = F.binary_cross_entropy_with_logits(p, torch.zeros_like(p), reduction="none")

@@ -10,7 +10,7 @@ Conventions: batch-first ``(B, Q, ...)``; boxes are ``(cx, cy, w, h)`` normalise
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch.utils._pytree as pytree
@@ -51,21 +51,18 @@ class QueryPredictions:
 
     def image(self, b: int) -> QueryPredictions:
         """The predictions of image ``b``: ``logits (Q, C)``, ``boxes (Q, 4)``, ``masks (Q, H, W)``."""
-        return QueryPredictions(**{f.name: _index(getattr(self, f.name), b) for f in dataclasses.fields(self)})
+        return self._map(lambda x: x[b])
 
     def split(self, n: int) -> tuple[QueryPredictions, QueryPredictions]:
         """``(first n queries, the rest)`` of every field (the denoising part comes first in a query sequence)."""
-        head = {f.name: _slice(getattr(self, f.name), 0, n) for f in dataclasses.fields(self)}
-        tail = {f.name: _slice(getattr(self, f.name), n, None) for f in dataclasses.fields(self)}
-        return QueryPredictions(**head), QueryPredictions(**tail)
+        return self._map(lambda x: x[:, :n]), self._map(lambda x: x[:, n:])
 
-
-def _index(x: Tensor | None, b: int) -> Tensor | None:
-    return None if x is None else x[b]
-
-
-def _slice(x: Tensor | None, start: int, stop: int | None) -> Tensor | None:
-    return None if x is None else x[:, start:stop]
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> QueryPredictions:
+        return QueryPredictions(
+            logits=fn(self.logits),
+            boxes=None if self.boxes is None else fn(self.boxes),
+            masks=None if self.masks is None else fn(self.masks),
+        )
 
 
 @dataclass
@@ -132,8 +129,9 @@ def _flatten_denoising(d: DenoisingPredictions) -> tuple[list, DenoisingMeta]:
     return [d.final, d.aux], d.meta
 
 
-def _unflatten_denoising(children: list, meta: DenoisingMeta) -> DenoisingPredictions:
-    return DenoisingPredictions(final=children[0], aux=list(children[1]), meta=meta)
+def _unflatten_denoising(children: Iterable, meta: DenoisingMeta) -> DenoisingPredictions:
+    final, aux = children
+    return DenoisingPredictions(final=final, aux=list(aux), meta=meta)
 
 
 pytree.register_pytree_node(

@@ -49,8 +49,8 @@ class MissingCheckpointError(FileNotFoundError):
 def capture_rng_state() -> dict[str, Any]:
     """Python, numpy and torch (CPU and CUDA) RNG states as tensors/plain containers."""
     py = random.getstate()
-    np_state = np.random.get_state()  # noqa: NPY002 (the legacy global RNG is what user code seeds)
-    state = {
+    np_state: tuple[Any, ...] = tuple(np.random.get_state(legacy=True))  # noqa: NPY002 (what user code seeds)
+    state: dict[str, Any] = {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
                   float(np_state[4])],  # fmt: skip

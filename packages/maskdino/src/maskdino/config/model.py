@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from .io import ConfigError, DictConfig, check_ranges, read_config_file, write_config_file
 
@@ -42,14 +42,24 @@ POS = {"gt": 0}
 PROB = {"min": 0, "max": 1}
 
 
-def _pos(default: int | float) -> int | float:
-    return field(default=default, metadata=POS)  # type: ignore[no-any-return]
+_N = TypeVar("_N", int, float)
 
 
-def _nonneg(default: int | float) -> int | float:
-    return field(default=default, metadata=NONNEG)  # type: ignore[no-any-return]
+def _pos(default: _N) -> _N:
+    """A field that must be > 0."""
+    out: Any = field(default=default, metadata=POS)
+    return out
 
-_RES = ["res2", "res3", "res4", "res5"]
+
+def _nonneg(default: _N) -> _N:
+    """A field that must be >= 0."""
+    out: Any = field(default=default, metadata=NONNEG)
+    return out
+
+
+FeatureName = Literal["res2", "res3", "res4", "res5"]
+
+_RES: list[FeatureName] = ["res2", "res3", "res4", "res5"]
 
 
 @dataclass
@@ -62,7 +72,7 @@ class BackboneConfig:
     #: local file with ImageNet weights (torchvision ``.pth`` for ResNets); None = random init. Never downloaded.
     weights: str | None = None
     #: features returned to the pixel decoder (MODEL.RESNETS.OUT_FEATURES).
-    out_features: list[Literal["res2", "res3", "res4", "res5"]] = field(default_factory=lambda: list(_RES))
+    out_features: list[FeatureName] = field(default_factory=lambda: list(_RES))
     #: detectron2 FREEZE_AT: 0 = train everything, 1 = freeze the stem, k = stem + res2..res{k}.
     freeze_at: int = field(default=0, metadata={"min": 0, "max": 5})
     #: Swin only: stochastic depth rate (MODEL.SWIN.DROP_PATH_RATE).
@@ -85,13 +95,9 @@ class PixelDecoderConfig:
     dropout: float = field(default=0.0, metadata=PROB)  # MaskDINO.DROPOUT
     #: SEM_SEG_HEAD.NUM_FEATURE_LEVELS (kept for parity; unused by the official code)
     num_feature_levels: int = _pos(3)
-    in_features: list[Literal["res2", "res3", "res4", "res5"]] = field(
-        default_factory=lambda: list(_RES)
-    )  # SEM_SEG_HEAD.IN_FEATURES
+    in_features: list[FeatureName] = field(default_factory=lambda: list(_RES))  # SEM_SEG_HEAD.IN_FEATURES
     #: SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES
-    transformer_in_features: list[Literal["res2", "res3", "res4", "res5"]] = field(
-        default_factory=lambda: ["res3", "res4", "res5"]
-    )
+    transformer_in_features: list[FeatureName] = field(default_factory=lambda: ["res3", "res4", "res5"])
     #: encoder levels incl. the extra stride-2 levels made from the lowest-resolution input.
     total_num_feature_levels: int = _pos(4)
     common_stride: int = _pos(4)

@@ -16,6 +16,8 @@ call: call ``torch.set_num_threads`` before the first inference.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -96,4 +98,5 @@ def conv2d_inference(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """``conv``'s convolution of ``x (B, Cin, H, W)`` through :func:`conv2d` (hooks of ``conv`` are not called)."""
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return conv._conv_forward(x, conv.weight, conv.bias)
-    return conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    stride, padding, dilation = (cast(tuple[int, int], t) for t in (conv.stride, conv.padding, conv.dilation))
+    return conv2d(x, conv.weight, conv.bias, stride, padding, dilation, conv.groups)

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from maskdino.data.ade import SemanticDataset, load_sem_seg
-from maskdino.data.coco import DatasetMetadata, InstanceDataset, load_coco_instances
+from maskdino.data.coco import DatasetMetadata, InstanceDataset, RecordDataset, load_coco_instances
 from maskdino.data.errors import DataError
 from maskdino.data.panoptic import PanopticDataset, load_coco_panoptic
 from maskdino.data.synthetic import generate_synthetic, synthetic_paths
@@ -142,7 +142,9 @@ def build_datasets(data_cfg, num_classes: int | None = None, splits: tuple[str, 
     c = data_cfg
     train_tf = LargeScaleJitter(c.image_size, c.min_scale, c.max_scale, c.flip_prob)
     test_tf = ResizeShortestEdge(c.test_short_edge, c.test_max_size, backend=c.test_resize)
-    train_ds = val_ds = None
+    train_ds: RecordDataset | None = None
+    val_ds: RecordDataset | None = None
+    meta: DatasetMetadata | None = None
     spec = EvalSpec()
     if c.kind in ("synthetic", "coco_panoptic"):
         if c.kind == "synthetic":
@@ -152,8 +154,8 @@ def build_datasets(data_cfg, num_classes: int | None = None, splits: tuple[str, 
                 )
             )
             tr, va = synthetic_paths(c.root, "train"), synthetic_paths(c.root, "val")
-            train_args = (tr["panoptic_json"], tr["panoptic"], tr["images"])
-            val_args = (va["panoptic_json"], va["panoptic"], va["images"])
+            train_args: tuple[str | Path, ...] = (tr["panoptic_json"], tr["panoptic"], tr["images"])
+            val_args: tuple[str | Path, ...] = (va["panoptic_json"], va["panoptic"], va["images"])
             inst_json = str(va["instances_json"])
         else:
             train_args = (_require(c.train_json, "train_json"), _require(c.train_panoptic, "train_panoptic"),
@@ -202,6 +204,7 @@ def build_datasets(data_cfg, num_classes: int | None = None, splits: tuple[str, 
             spec = EvalSpec(semantic=True)
     else:
         raise DataError(f"unknown data.kind {c.kind!r}")
+    assert meta is not None
     if num_classes is not None and meta.num_classes != num_classes:
         raise DataError(
             f"the dataset has {meta.num_classes} classes ({meta.names[:5]}...) but model.num_classes is {num_classes}"

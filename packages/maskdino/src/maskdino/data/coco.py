@@ -90,7 +90,7 @@ class DatasetMetadata:
             names=list(d["names"]),
             dataset_ids=[int(i) for i in d["dataset_ids"]],
             isthing=[bool(t) for t in d.get("isthing", [])],
-            colors=[tuple(int(v) for v in c) for c in d.get("colors", [])],
+            colors=[(int(c[0]), int(c[1]), int(c[2])) for c in d.get("colors", [])],
         )
 
     @classmethod
@@ -355,8 +355,10 @@ class RecordDataset(torch.utils.data.Dataset):
 
         seed = None
         if isinstance(index, tuple | list):
-            index, seed = int(index[0]), int(index[1])
-        rec = self.records[index]
+            position, seed = int(index[0]), int(index[1])
+        else:
+            position = int(index)
+        rec = self.records[position]
         sample = self._after_transform(apply_seeded(self.transform, self._load(rec), seed))
         return finalize_sample(sample, rec, self.box_from_mask)
 

@@ -68,7 +68,7 @@ def load_coco_panoptic(
     data, metadata = read_coco_json(json_path, metadata)
     to_contig = metadata.dataset_to_contiguous
     images = {int(img["id"]): img for img in iter_image_records(data, json_path)}
-    records = []
+    records: list[dict[str, Any]] = []
     for ann in data["annotations"]:
         iid = ann.get("image_id", "?")
         where = f"{json_path}: annotation of image id {iid}"

@@ -68,7 +68,9 @@ def panoptic_to_eval_output(pan, meta: DatasetMetadata) -> dict[str, Any]:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    inner = getattr(model, "module", model)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 @torch.no_grad()
@@ -149,7 +151,7 @@ def evaluate(
     return results
 
 
-def _predict(net: nn.Module, images, sizes, tasks: dict[str, bool]):
+def _predict(net: Any, images, sizes, tasks: dict[str, bool]):
     try:
         return net.predict(images, original_sizes=sizes, tasks=[k for k, v in tasks.items() if v] or None)
     except TypeError:

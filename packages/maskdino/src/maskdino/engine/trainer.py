@@ -19,7 +19,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -371,12 +371,12 @@ class Trainer:
     def _maybe_drop_lr(self, elapsed: float) -> None:
         """Time-budget LR step: scale the scheduler's base LRs by gamma once (saved with the scheduler state)."""
         t = self.cfg.train
-        if t.budget_lr_drop is None or getattr(self.scheduler, "budget_dropped", False):
+        if t.budget_lr_drop is None or t.time_budget_s is None or getattr(self.scheduler, "budget_dropped", False):
             return
         if elapsed >= t.budget_lr_drop * t.time_budget_s:
             gamma = self.cfg.solver.gamma
             self.scheduler.base_lrs = [b * gamma for b in self.scheduler.base_lrs]
-            self.scheduler.budget_dropped = True
+            setattr(self.scheduler, "budget_dropped", True)  # noqa: B010 (saved with the scheduler's state dict)
             self.log(f"{elapsed:.0f} s of the {t.time_budget_s:.0f} s budget used: learning rate x{gamma} "
                      f"from iteration {self.iteration + 1}")  # fmt: skip
 
@@ -389,9 +389,10 @@ class Trainer:
             batch = next(data_iter)
             data_time += time.perf_counter() - t0
             images, targets = _to_device_targets(batch, self.device)
-            sync = contextlib.nullcontext()
+            sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
             if is_dist() and micro < t.accumulate - 1:
-                sync = self.ddp_model.no_sync()  # all-reduce gradients only once per optimizer step
+                # all-reduce gradients only once per optimizer step
+                sync = cast(nn.parallel.DistributedDataParallel, self.ddp_model).no_sync()
             with sync:
                 with self._autocast():
                     try:

@@ -217,5 +217,5 @@ class ImagePredictor:
         self, path: str | os.PathLike, tasks: Iterable[str] | None = None, score_threshold: float | None = None
     ) -> tuple[Tensor, Prediction]:
         """``(the image (3, H, W) uint8, its predictions)``; raises DataError for an unreadable image."""
-        image = read_image(path)
+        image = read_image(Path(path))
         return image, self(image, tasks, score_threshold)

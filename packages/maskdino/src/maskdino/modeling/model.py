@@ -10,10 +10,12 @@ that carries the padding down to every stage.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
+from detr_core.backbone import Backbone
 from detr_core.box_ops import normalize_boxes
 from detr_core.outputs import DetectionOutputs
 from detr_core.padding import PaddedBatch
@@ -73,6 +75,9 @@ class MaskDINO(nn.Module):
         padding_mode: ``aware`` (padding masked everywhere: an image gets the same prediction alone or padded in a
             batch) or ``official`` (padding is image content, as the released code).
     """
+
+    pixel_mean: Tensor
+    pixel_std: Tensor
 
     def __init__(
         self,
@@ -241,7 +246,7 @@ def build_model(cfg: MaskDINOConfig) -> MaskDINO:
     """The whole model from a config (backbone weights from ``cfg.backbone.weights`` if set; nothing downloaded)."""
     cfg.validate()
     backbone = build_backbone(cfg.backbone)
-    pixel_decoder = MaskDINOPixelDecoder.from_config(backbone.output_shape(), cfg.pixel_decoder)
+    pixel_decoder = MaskDINOPixelDecoder.from_config(cast(Backbone, backbone).output_shape(), cfg.pixel_decoder)
     predictor = MaskDINOPredictor.from_config(cfg)
     return MaskDINO(
         backbone=backbone,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +93,7 @@ class ConvNorm(nn.Conv2d):
         self.relu = relu
         c2_xavier_fill(self)
 
-    def forward(self, x: Tensor, pad: Tensor | None = None) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, pad: Tensor | None = None) -> Tensor:
         """``x (B, Cin, H, W)`` -> ``(B, Cout, H, W)``; ``pad (B, H, W)`` restricts GN statistics."""
         y = masked_group_norm(conv2d_inference(self, x), self.norm, pad)
         return F.relu(y) if self.relu else y
@@ -216,9 +216,11 @@ class MaskDINOPixelDecoder(nn.Module):
             )
             in_ch = conv_dim
         self.input_proj = nn.ModuleList(proj)
-        for p in self.input_proj:
-            nn.init.xavier_uniform_(p[0].weight, gain=1)
-            nn.init.zeros_(p[0].bias)
+        for i in range(len(proj)):
+            conv, _ = self._input_proj(i)
+            nn.init.xavier_uniform_(conv.weight, gain=1)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
 
         # strides of the encoder levels in their token order
         extra_strides = [shapes[lowest].stride * 2 ** (i + 1) for i in range(self.num_extra)]
@@ -292,14 +294,20 @@ class MaskDINOPixelDecoder(nn.Module):
                 return self._forward({k: v.float() for k, v in features.items()}, batch)
         return self._forward({k: v.float() for k, v in features.items()}, batch)
 
+    def _input_proj(self, i: int) -> tuple[nn.Conv2d, nn.GroupNorm]:
+        """The (conv, GroupNorm) pair of input projection ``i`` (official ``input_proj.{i}.{0,1}``)."""
+        seq = self.input_proj[i]
+        assert isinstance(seq, nn.Sequential)
+        return cast(nn.Conv2d, seq[0]), cast(nn.GroupNorm, seq[1])
+
     def _forward(self, features: Mapping[str, Tensor], batch: PaddedBatch) -> PixelDecoderOutput:
         srcs: list[Tensor] = []
         pads: list[Tensor | None] = []
         for i, name in enumerate(self.transformer_in_features):
             x = features[name]
             pad = batch.padding_mask(x.shape[-2:], self.transformer_strides[i])
-            proj = self.input_proj[i]
-            srcs.append(masked_group_norm(proj[0](x), proj[1], pad))
+            conv, gn = self._input_proj(i)
+            srcs.append(masked_group_norm(conv(x), gn, pad))
             pads.append(pad)
         extra: list[Tensor] = []
         extra_pads: list[Tensor | None] = []
@@ -309,10 +317,10 @@ class MaskDINOPixelDecoder(nn.Module):
             # zero outside the image so that the strided 3x3 conv sees the same border as an unpadded map
             x = batch.zero_padding(x, stride)
             stride *= 2
-            proj = self.input_proj[self.num_inputs + j]
-            y = proj[0](x)
+            conv, gn = self._input_proj(self.num_inputs + j)
+            y = conv(x)
             pad = batch.padding_mask(y.shape[-2:], stride)
-            x = masked_group_norm(y, proj[1], pad)
+            x = masked_group_norm(y, gn, pad)
             extra.append(x)
             extra_pads.append(pad)
         if self.feature_order == "low2high":

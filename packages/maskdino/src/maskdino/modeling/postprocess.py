@@ -481,7 +481,7 @@ def postprocess_image(
                 class_logits[start:stop], upsample(mask_logits[start:stop]), class_probs=probs[start:stop]
             )
             sem = part if sem is None else sem.add_(part)
-        if not semantic_resize_first:
+        if not semantic_resize_first and sem is not None:
             sem = resize_mask_logits(sem, padded_size, image_size, output_size)
         pred.semantic = sem
     return pred

@@ -150,8 +150,10 @@ class MaskDINOPredictor(nn.Module):
         self.decoder_norm = self.decoder.norm
         # one box head shared by the encoder proposals and every decoder layer (official ``_bbox_embed``)
         self.bbox_embed = MLP(hidden, hidden, 4, 3)
-        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
-        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        last = self.bbox_embed.layers[-1]
+        assert isinstance(last, nn.Linear)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
         self.decoder.bbox_embed = self.bbox_embed
 
     @classmethod

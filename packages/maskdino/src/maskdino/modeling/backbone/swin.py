@@ -109,6 +109,8 @@ class WindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
+    relative_position_index: Tensor
+
     def relative_bias(self) -> Tensor:
         """``(heads, N, N)`` bias, ``N = window_size**2``."""
         n = self.window_size**2
