@@ -224,17 +224,30 @@ def _safe_globals() -> list[Any]:
 _UNSUPPORTED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
 
 
+_REFUSED_GLOBAL = re.compile(r"refusing to unpickle global ([\w.]+)")
+
+
 def _why_unreadable(exc: BaseException) -> str:
     """A short reason for a failed safe load, without torch's advice to disable ``weights_only``."""
     text = str(exc)
-    m = _UNSUPPORTED_GLOBAL.search(text)
+    m = _UNSUPPORTED_GLOBAL.search(text) or _REFUSED_GLOBAL.search(text)
     if m:
         return f"it would run code or build objects that are not weights ({m.group(1)}); refusing to load it"
-    if isinstance(exc, pickle.UnpicklingError) and "refusing to unpickle global" in text:
-        return text
     if "central directory" in text or "zip archive" in text or isinstance(exc, zipfile.BadZipFile | EOFError):
         return "it is truncated or corrupt (not a complete checkpoint archive)"
     return f"it is not a PyTorch, safetensors or detectron2 checkpoint ({type(exc).__name__})"
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if zipfile.is_zipfile(path):
+            raise
+        # A plain pickle (not torch's zip format): torch's weights-only unpickler stops at opcodes it does not know
+        # before it sees what the file would build; the restricted unpickler reads it to the end and names that.
+        return restricted_pickle_load(path)
 
 
 def load_checkpoint_file(path: PathLike) -> Any:
@@ -255,8 +268,7 @@ def load_checkpoint_file(path: PathLike) -> Any:
             return load_file(str(path), device="cpu")
         if suffix == ".pkl":
             return restricted_pickle_load(path)
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return _torch_load(path)
     except (OSError, MemoryError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
