@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -215,3 +216,55 @@ def test_convert_cli_tiny_preset_round_trip(tmp_path, capsys):
         assert torch.equal(v, ours[k]), k
     assert convert_main([str(src), str(tmp_path / "converted.pt")]) == 0
     assert sorted(load_state_dict_file(tmp_path / "converted.pt")) == sorted(back)
+
+
+def test_converted_checkpoint_runs_in_official_mode_with_no_flag(tmp_path, capsys):
+    from maskdino.checkpoints import official_experiment
+    from maskdino.data.coco_categories import coco_metadata
+    from maskdino.inference.predictor import load_model
+
+    cfg = get_preset("tiny")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    official = to_official_layout(dict(model.state_dict()), cfg.num_classes, cfg.decoder.dec_layers)
+    src = tmp_path / "official.pth"
+    torch.save({"model": official}, src)
+    dst = tmp_path / "converted.pth"
+    assert convert_main([str(src), str(dst), "--preset", "tiny"]) == 0
+    assert "padding_mode='official'" in capsys.readouterr().out
+    loaded = load_model(dst)  # what `maskdino predict/eval --weights dst` does: no --config, no --opts
+    assert loaded.model.padding_mode == "official" and loaded.config.data.test_resize == "pil"
+    assert loaded.model.predictor.decoder.query_pos_from_scaled_reference  # the official query positions
+    for k, v in loaded.model.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    # our own training runs keep padding awareness; overriding the converted file's mode is possible
+    assert get_preset("tiny").padding_mode == "aware"
+    assert load_model(dst, opts=["model.padding_mode=aware"]).model.padding_mode == "aware"
+    # the official recipes: padding is content, the detectron2 resize, and COCO class names for COCO presets
+    exp = official_experiment("coco-panoptic-r50")
+    assert exp.model.padding_mode == "official" and exp.data.test_resize == "pil"
+    assert (exp.data.test_short_edge, exp.data.test_max_size) == (800, 1333)
+    meta = coco_metadata(panoptic=True)
+    assert meta.num_classes == 133 == exp.model.num_classes and meta.names[0] == "person"
+    assert meta.thing_classes == exp.model.inference.thing_classes
+    assert coco_metadata().num_classes == 80 and coco_metadata().dataset_ids[-1] == 90
+
+
+def test_pil_resize_is_detectron2s():
+    from PIL import Image
+
+    from maskdino.data.transforms import ResizeShortestEdge, pil_bilinear_resize
+
+    # detectron2's rounding: int(x + 0.5) of the scaled sides, the longer side capped first
+    assert ResizeShortestEdge.output_size(427, 640, 800, 1333) == (800, 1199)
+    assert ResizeShortestEdge.output_size(480, 640, 800, 1333) == (800, 1067)
+    assert ResizeShortestEdge.output_size(200, 1000, 800, 1333) == (267, 1333)
+    g = torch.Generator().manual_seed(0)
+    image = (torch.rand(3, 37, 53, generator=g) * 255).to(torch.uint8)
+    ours = pil_bilinear_resize(image, 60, 86)
+    ref = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((86, 60), Image.Resampling.BILINEAR)
+    assert torch.equal(ours, torch.from_numpy(np.asarray(ref).copy()).permute(2, 0, 1))
+    from torchvision import tv_tensors
+
+    out = ResizeShortestEdge(60, 1000, backend="pil")({"image": tv_tensors.Image(image)})["image"]
+    assert out.shape == (3, 60, 86) and torch.equal(out.as_subclass(torch.Tensor), ours)
