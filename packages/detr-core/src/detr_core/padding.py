@@ -38,7 +38,7 @@ def valid_sizes(image_sizes: Tensor, stride: int) -> Tensor:
 def padding_mask(image_sizes: Tensor, shape: Sequence[int], stride: int) -> Tensor:
     """``(B, H, W)`` bool, True at padded positions of a feature map of ``shape = (H, W)`` at ``stride``."""
     sizes = valid_sizes(image_sizes, stride)
-    h, w = int(shape[0]), int(shape[1])
+    h, w = shape[0], shape[1]  # not int(): symbolic sizes stay symbolic under torch.export
     rows = torch.arange(h, device=image_sizes.device)[None, :] >= sizes[:, 0:1]  # (B, H)
     cols = torch.arange(w, device=image_sizes.device)[None, :] >= sizes[:, 1:2]  # (B, W)
     return rows[:, :, None] | cols[:, None, :]

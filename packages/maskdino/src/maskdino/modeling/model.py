@@ -176,8 +176,8 @@ class MaskDINO(nn.Module):
             image otherwise).
         """
         if image_sizes is None or not self.padding_aware:
-            hp, wp = int(images.shape[-2]), int(images.shape[-1])
-            batch = PaddedBatch(images, images.new_tensor([[hp, wp]], dtype=torch.long).expand(images.shape[0], 2), False)
+            full = torch.tensor([[images.shape[-2], images.shape[-1]]], dtype=torch.long, device=images.device)
+            batch = PaddedBatch(images, full.expand(images.shape[0], 2), False)
         else:
             batch = PaddedBatch(images, image_sizes.to(images.device, torch.long), True)
         return self._inference(batch)
