@@ -44,6 +44,8 @@ THIRD_PARTY = [
     "wheel",
 ]
 TEST_DEPS = ["pytest", "pytest-xdist", "hypothesis"]
+# the optional export extra of maskdino (`pip install "maskdino[export]"`) and the evaluation backends, tested in CI
+EXTRAS = ["onnx", "onnxscript", "onnxruntime", "openvino", "hotcoco", "ultrafast-pycocotools"]
 LINT_DEPS = ["ruff", "mypy"]
 # Order matters: each package depends only on the ones before it.
 PACKAGES = ["packages/deform-attn", "packages/coco-eval", "packages/detr-core", "packages/maskdino"]
@@ -70,7 +72,7 @@ def _sources_digest() -> str:
             ):
                 h.update(str(path.relative_to(ROOT)).encode())
                 h.update(path.read_bytes())
-    h.update(" ".join(TORCH + THIRD_PARTY + TEST_DEPS + LINT_DEPS).encode())
+    h.update(" ".join(TORCH + THIRD_PARTY + EXTRAS + TEST_DEPS + LINT_DEPS).encode())
     return h.hexdigest()
 
 
@@ -85,7 +87,7 @@ def _shared_env(session: nox.Session) -> dict[str, str]:
         session.log("shared environment is up to date (.nox/shared)")
         return env
     pip = [str(BIN / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    session.run(*pip, *TORCH, *THIRD_PARTY, *TEST_DEPS, *LINT_DEPS, external=True, env=env)
+    session.run(*pip, *TORCH, *THIRD_PARTY, *EXTRAS, *TEST_DEPS, *LINT_DEPS, external=True, env=env)
     # --no-build-isolation: the extension compiles against the torch installed above instead of a
     # fresh (multi-GB) torch in an isolated build environment.
     editable = [arg for pkg in PACKAGES for arg in ("-e", str(ROOT / pkg))]

@@ -7,6 +7,8 @@
     maskdino eval --config tiny --weights outputs/demo/train/model_final.pth
     maskdino predict img1.jpg photos/ --weights model_final.pth --out preds/ --score-threshold 0.5
     maskdino convert official.pth converted.pth --preset coco-instance-r50-3s-d1-2048
+    maskdino export --weights converted.pth --format onnx --output model.onnx [--dynamic]
+    maskdino predict photo.jpg --backend onnxruntime --model model.onnx --out preds/
 
 Exit status: 0 success; 1 some work failed (e.g. images that could not be read; each named on stderr); 2 a user error
 (bad arguments, a missing or invalid file, an invalid config), reported in one line without a traceback. A traceback
@@ -79,11 +81,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="draw predictions on images and write COCO-format results")
     p.add_argument("images", nargs="+", help="image files and/or folders of images")
-    p.add_argument("--weights", required=True)
+    p.add_argument("--backend", choices=["torch", "onnxruntime", "openvino"], default="torch",
+                   help="torch: the PyTorch model (--weights); onnxruntime / openvino: an exported model (--model)")  # fmt: skip
+    p.add_argument("--weights", help="PyTorch backend: the weights file")
+    p.add_argument("--model", help="exported backends: the .onnx / .xml file written by `maskdino export`")
     p.add_argument("--config", help="experiment (default: the config stored in the weights file)")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", required=True, help="output folder for PNGs and predictions.json")
     p.add_argument("--score-threshold", type=_probability, default=0.5)
+
+    p = sub.add_parser("export", help="export the network to ONNX or OpenVINO for deployment")
+    p.add_argument("--weights", required=True)
+    _add_config_args(p, required=False)
+    p.add_argument("--format", choices=["onnx", "openvino"], required=True)
+    p.add_argument("--output", required=True, help="the .onnx file, or the OpenVINO .xml (+ .bin)")
+    p.add_argument("--height", type=_positive_int, help="fixed input height (default: the config's test resize, "
+                   "rounded up to size_divisibility)")  # fmt: skip
+    p.add_argument("--width", type=_positive_int, help="fixed input width")
+    p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--op-form", choices=["grid_sample", "gather"], default="grid_sample",
+                   help="deformable attention in ONNX: GridSample per level, or Gather + arithmetic (for TensorRT)")  # fmt: skip
 
     p = sub.add_parser("convert", help="convert an official Mask DINO checkpoint (arguments: see maskdino convert -h)")
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -104,9 +122,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from detr_core.checkpoint import CheckpointError, CheckpointMismatchError, KeyMapError
     from maskdino.config import ConfigError
     from maskdino.data.errors import DataError
+    from maskdino.export.metadata import ExportError
 
-    return (ConfigError, DataError, CheckpointError, CheckpointMismatchError, KeyMapError, FileNotFoundError,
-            NotADirectoryError, PermissionError, IsADirectoryError)  # fmt: skip
+    return (ConfigError, DataError, CheckpointError, CheckpointMismatchError, KeyMapError, ExportError,
+            FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

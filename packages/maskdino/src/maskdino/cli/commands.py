@@ -93,11 +93,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )
     from maskdino.inference.visualize import draw_instances, save_image
 
+    if args.backend == "torch" and (not args.weights or args.model):
+        raise DataError("--backend torch runs --weights (a .pth/.safetensors file); --model is for exported models")
+    if args.backend != "torch" and (not args.model or args.weights or args.config or args.opts):
+        raise DataError(f"--backend {args.backend} runs --model (the file of `maskdino export`), which records its "
+                        "own config: --weights, --config and --opts are for the torch backend")  # fmt: skip
     paths = expand_image_paths(args.images)
     _retain_freed_memory()
-    loaded = load_model(args.weights, args.config, args.opts, log=_log)
-    predictor = ImagePredictor.from_model(loaded.model, loaded.config)
-    meta = loaded.metadata
+    if args.backend == "torch":
+        loaded = load_model(args.weights, args.config, args.opts, log=_log)
+        predictor = ImagePredictor.from_model(loaded.model, loaded.config)
+        meta = loaded.metadata
+    else:
+        from maskdino.data.coco import DatasetMetadata
+        from maskdino.export.runtime import ExportedModel, exported_predictor
+
+        exported = ExportedModel(args.model, backend=args.backend)
+        predictor = exported_predictor(exported)
+        meta = DatasetMetadata.from_dict(exported.metadata.classes)
     if "instance" not in predictor.postprocessor.tasks:
         raise DataError("the model has instance inference off (model.inference.instance_on=false); nothing to draw")
     out = Path(args.out)
@@ -153,6 +166,24 @@ def _write_json_atomic(path: Path, obj: object) -> None:
         raise
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from maskdino.export import export_onnx, export_openvino
+    from maskdino.inference.predictor import load_model
+
+    loaded = load_model(args.weights, args.config, args.opts, log=_log)
+    export = export_onnx if args.format == "onnx" else export_openvino
+    if args.format == "onnx" and args.precision == "bf16":
+        from maskdino.export.metadata import ExportError
+
+        raise ExportError("--precision bf16 is not available for ONNX (no bfloat16 kernels in onnxruntime's CPU "
+                          "provider): use --format openvino --precision bf16")  # fmt: skip
+    meta = export(loaded, args.output, args.height, args.width, args.dynamic, args.precision, args.op_form)
+    size = "dynamic size" if meta.dynamic else f"{meta.height}x{meta.width}"
+    print(f"{args.output}: {args.format} ({size}, {meta.precision}, deformable attention as {meta.op_form}, "
+          f"padding_mode={meta.padding_mode})")  # fmt: skip
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from maskdino.engine.demo import run_demo
 
@@ -166,5 +197,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train,
     "eval": cmd_eval,
     "predict": cmd_predict,
+    "export": cmd_export,
     "demo": cmd_demo,
 }

@@ -79,6 +79,24 @@ def normalize_and_pad(
     return PaddedBatch.from_images(normalised, size_divisibility, masked=masked)
 
 
+def pad_to(batch: PaddedBatch, size: tuple[int, int], masked: bool) -> PaddedBatch:
+    """``batch`` zero-padded further to exactly ``size`` ``(H, W)``.
+
+    Raises:
+        ImageTooLargeError: the batch is already larger than ``size``.
+    """
+    hp, wp = batch.padded_size
+    if (hp, wp) == tuple(size):
+        return batch
+    if hp > size[0] or wp > size[1]:
+        raise ImageTooLargeError(
+            f"the resized image is {hp}x{wp} (padded), larger than the model's fixed input size {size[0]}x{size[1]}"
+        )
+    tensor = batch.tensor.new_zeros(batch.tensor.shape[0], batch.tensor.shape[1], size[0], size[1])
+    tensor[:, :, :hp, :wp] = batch.tensor
+    return PaddedBatch.from_tensor(tensor, batch.image_sizes.tolist(), masked=masked)
+
+
 @dataclass
 class LoadedModel:
     """A model and everything needed to run it: its experiment config and dataset metadata."""
@@ -145,6 +163,8 @@ class ImagePredictor:
         postprocessor: the model's post-processing settings.
         resize: the test-time resize.
         pixel_mean, pixel_std, size_divisibility, padding_aware: the model's pre-processing.
+        input_size: pad every input to exactly this ``(H, W)`` (a backend exported for a fixed size); an image
+            larger than it after the resize is an error.
     """
 
     def __init__(
@@ -156,8 +176,10 @@ class ImagePredictor:
         pixel_std: Tensor,
         size_divisibility: int,
         padding_aware: bool,
+        input_size: tuple[int, int] | None = None,
     ):
         self.run = run
+        self.input_size = input_size
         self.postprocessor = postprocessor
         self.resize = resize
         self.pixel_mean = pixel_mean
@@ -206,6 +228,8 @@ class ImagePredictor:
             )
         x = self.resized(image)
         batch = normalize_and_pad([x], self.pixel_mean, self.pixel_std, self.size_divisibility, self.padding_aware)
+        if self.input_size is not None:
+            batch = pad_to(batch, self.input_size, self.padding_aware)
         logits, masks, boxes = self.run(batch)
         ih, iw = batch.image_sizes[0].tolist()
         frame = (ih, iw) if batch.masked else batch.padded_size
