@@ -29,6 +29,12 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. train.max_iter=100")
 
 
+def _add_precision_arg(p: argparse.ArgumentParser, what: str = "") -> None:
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="inference precision " + (what + " " if what else "") + "(default: the model config's, fp32): "
+                   "bf16 runs the network under bfloat16 autocast, decisions stay float32")  # fmt: skip
+
+
 def _int_at_least(low: int):
     def parse(text: str) -> int:
         value = int(text)
@@ -77,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate weights on the config's val split")
     _add_config_args(p, required=False)
     p.add_argument("--weights", required=True)
+    _add_precision_arg(p)
     p.add_argument("--output", help="where to write metrics.json (default: next to the weights)")
 
     p = sub.add_parser("predict", help="draw predictions on images and write COCO-format results")
@@ -89,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", required=True, help="output folder for PNGs and predictions.json")
     p.add_argument("--score-threshold", type=_probability, default=0.5)
+    _add_precision_arg(p)
 
     p = sub.add_parser("export", help="export the network to ONNX or OpenVINO for deployment")
     p.add_argument("--weights", required=True)
@@ -114,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--loss-png", help="also copy the loss curve here")
     p.add_argument("--threads", type=_positive_int, help="torch threads (default: the idle cores, from the load average)")
+    _add_precision_arg(p, "of the evaluation and the pictures (training is float32)")
     return parser
 
 

@@ -24,6 +24,14 @@ def _load_cfg(args: argparse.Namespace):
     return cfg
 
 
+def _precision_opts(args: argparse.Namespace) -> list[str]:
+    """``--opts`` plus the override of ``--precision`` (if given)."""
+    opts = list(getattr(args, "opts", None) or [])
+    if getattr(args, "precision", None):
+        opts.append(f"model.inference.precision={args.precision}")
+    return opts
+
+
 def _retain_freed_memory() -> None:
     from maskdino.cpu_inference.allocator import retain_freed_memory
 
@@ -65,7 +73,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from maskdino.inference.predictor import load_model
 
     _retain_freed_memory()
-    loaded = load_model(args.weights, args.config, args.opts, log=_log)
+    loaded = load_model(args.weights, args.config, _precision_opts(args), log=_log)
     cfg = loaded.config
     _, _, device = init_distributed(cfg.train.device)
     _, val_ds, meta, spec = build_datasets(cfg.data, cfg.model.num_classes, splits=("val",))
@@ -101,7 +109,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = expand_image_paths(args.images)
     _retain_freed_memory()
     if args.backend == "torch":
-        loaded = load_model(args.weights, args.config, args.opts, log=_log)
+        loaded = load_model(args.weights, args.config, _precision_opts(args), log=_log)
         predictor = ImagePredictor.from_model(loaded.model, loaded.config)
         meta = loaded.metadata
     else:
@@ -188,7 +196,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from maskdino.engine.demo import run_demo
 
     budget = args.time_budget if args.time_budget and args.time_budget > 0 else None
-    run_demo(args.output, budget, args.opts, resume=args.resume, loss_png=args.loss_png, threads=args.threads)
+    run_demo(args.output, budget, _precision_opts(args), resume=args.resume, loss_png=args.loss_png,
+             threads=args.threads)  # fmt: skip
     return 0
 
 

@@ -171,6 +171,8 @@ class InferenceConfig:
     temperature: float = _pos(0.06)
     #: contiguous class ids that are "things" (panoptic merge; instance output of panoptic models).
     thing_classes: list[int] = field(default_factory=list, metadata=NONNEG)
+    #: ``fp32``, or ``bf16``: the network under bfloat16 autocast, every decision in float32 (``--precision``).
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 @dataclass

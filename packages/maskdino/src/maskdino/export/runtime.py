@@ -22,21 +22,13 @@ from detr_core.padding import PaddedBatch
 from ..data.transforms import ResizeShortestEdge
 from ..inference.predictor import ImagePredictor, RawOutputs
 from ..modeling.postprocess import MaskDINOPostProcessor
+from ..modeling.precision import native_bf16
 from .metadata import INPUT_NAMES, ExportError, ExportMetadata
 
-__all__ = ["BACKENDS", "ExportedModel", "exported_predictor", "native_bf16"]
+__all__ = ["BACKENDS", "ExportedModel", "exported_predictor"]
 
 Backend = Literal["onnxruntime", "openvino"]
 BACKENDS: tuple[Backend, ...] = ("onnxruntime", "openvino")
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes in bfloat16 natively (AVX-512-BF16 or AMX); without it bf16 is emulated (slower)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 class ExportedModel:

@@ -24,6 +24,7 @@ from ..data.coco import DatasetMetadata, read_image
 from ..data.transforms import ResizeShortestEdge
 from ..modeling.model import MaskDINO, build_model
 from ..modeling.postprocess import MaskDINOPostProcessor
+from ..modeling.precision import Precision, with_precision
 from ..structures import Prediction
 
 __all__ = [
@@ -188,10 +189,12 @@ class ImagePredictor:
         self.padding_aware = padding_aware
 
     @classmethod
-    def from_model(cls, model: MaskDINO, cfg: ExperimentConfig) -> ImagePredictor:
-        """The PyTorch backend: ``model`` itself."""
+    def from_model(cls, model: MaskDINO, cfg: ExperimentConfig, precision: Precision | None = None) -> ImagePredictor:
+        """The PyTorch backend: ``model`` itself, in ``precision`` (default the model's; see
+        :mod:`maskdino.modeling.precision`)."""
+        chosen: Precision = model.precision if precision is None else precision
         return cls(
-            run=model._inference,
+            run=with_precision(model._inference, chosen, model.device),  # type: ignore[arg-type]
             postprocessor=model.postprocessor,
             resize=ResizeShortestEdge(cfg.data.test_short_edge, cfg.data.test_max_size, backend=cfg.data.test_resize),
             pixel_mean=model.pixel_mean,

@@ -10,7 +10,7 @@ that carries the padding down to every stage.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import cast
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +74,7 @@ class MaskDINO(nn.Module):
         size_divisibility: padded sizes are multiples of it.
         padding_mode: ``aware`` (padding masked everywhere: an image gets the same prediction alone or padded in a
             batch) or ``official`` (padding is image content, as the released code).
+        precision: the default inference precision of :meth:`predict` (``fp32`` or ``bf16``).
     """
 
     pixel_mean: Tensor
@@ -91,8 +92,10 @@ class MaskDINO(nn.Module):
         pixel_std: Sequence[float],
         size_divisibility: int = 32,
         padding_mode: PaddingMode = "aware",
+        precision: Literal["fp32", "bf16"] = "fp32",
     ):
         super().__init__()
+        self.precision = precision
         self.backbone = backbone
         self.pixel_decoder = pixel_decoder
         self.predictor = predictor
@@ -208,6 +211,7 @@ class MaskDINO(nn.Module):
         images: Sequence[Tensor],
         original_sizes: Sequence[tuple[int, int]] | None = None,
         tasks: Iterable[str] | None = None,
+        precision: Literal["fp32", "bf16"] | None = None,
     ) -> list[Prediction]:
         """Predictions for a list of images.
 
@@ -216,6 +220,8 @@ class MaskDINO(nn.Module):
             original_sizes: output ``(h, w)`` per image (e.g. the size before a test-time resize); default the
                 input sizes. Masks are resized to it and boxes scaled to it.
             tasks: subset of ``("instance", "panoptic", "semantic")``; default the post-processor's.
+            precision: ``fp32``, or ``bf16``: the network under bfloat16 autocast, its outputs (and every decision
+                made from them) in float32 (:mod:`maskdino.modeling.precision`); default ``self.precision``.
 
         Returns:
             one :class:`maskdino.structures.Prediction` per image.
@@ -227,7 +233,15 @@ class MaskDINO(nn.Module):
         self.eval()
         try:
             batch = self.preprocess(images)
-            logits, masks, boxes = self._inference(batch)
+            precision = self.precision if precision is None else precision
+            if precision == "fp32":
+                logits, masks, boxes = self._inference(batch)
+            else:
+                from .precision import autocast
+
+                with autocast(precision, self.device):
+                    outs = self._inference(batch)
+                logits, masks, boxes = (o.float() for o in outs)
             padded = batch.padded_size
             results = []
             for i, (h, w) in enumerate(batch.image_sizes.tolist()):
@@ -258,4 +272,5 @@ def build_model(cfg: MaskDINOConfig) -> MaskDINO:
         pixel_std=cfg.pixel_std,
         size_divisibility=cfg.size_divisibility,
         padding_mode=cfg.padding_mode,
+        precision=cfg.inference.precision,
     )
