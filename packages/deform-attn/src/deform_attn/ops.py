@@ -240,6 +240,20 @@ def dtypes_supported(value: torch.dtype, locations: torch.dtype, weights: torch.
     return same or (value in _HALF and locations == torch.float32 and weights == torch.float32)
 
 
+def _dtypes_after_autocast(
+    value: Tensor, sampling_locations: Tensor, attention_weights: Tensor
+) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    """The dtypes the kernel will see: inside torch.autocast for value's device, the Autocast kernel casts
+    value to the autocast dtype and the locations / weights to float32 (float64 stays, as autocast does)."""
+    dtypes = (value.dtype, sampling_locations.dtype, attention_weights.dtype)
+    device_type = value.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return dtypes
+    low = torch.get_autocast_dtype(device_type)
+    v, loc, w = (d if d == torch.float64 or not d.is_floating_point else None for d in dtypes)
+    return (v or low, loc or torch.float32, w or torch.float32)
+
+
 def _validate(
     value: Tensor,
     spatial_shapes: Tensor,
@@ -297,7 +311,7 @@ def _validate(
         )
     if not value.is_floating_point():
         raise ValueError(f"value must be floating point, got {value.dtype}")
-    if not dtypes_supported(value.dtype, sampling_locations.dtype, attention_weights.dtype):
+    if not dtypes_supported(*_dtypes_after_autocast(value, sampling_locations, attention_weights)):
         raise ValueError(
             f"unsupported dtypes: value {value.dtype}, sampling_locations {sampling_locations.dtype}, "
             f"attention_weights {attention_weights.dtype}; all three must be one of float32, float64, "
@@ -369,6 +383,13 @@ def ms_deform_attn(
     if n == 0 or q == 0 or m * d == 0:
         return value.new_zeros((n, q, m * d))
     if not kernel_available(value.device, value.dtype):
+        if torch.is_autocast_enabled(value.device.type) and value.device.type in ("cpu", "cuda"):
+            vt, lt, _ = _dtypes_after_autocast(value, sampling_locations, attention_weights)
+            value, sampling_locations, attention_weights = (
+                value.to(vt),
+                sampling_locations.to(lt),
+                attention_weights.to(lt),
+            )
         if value.dtype != sampling_locations.dtype:  # the mixed form: float32 arithmetic, value's dtype out
             return ms_deform_attn_reference(
                 value.float(), spatial_shapes, level_start_index, sampling_locations, attention_weights
