@@ -182,8 +182,12 @@ def test_set_cpu_isa_unknown_name():
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    """Python in a subprocess that imports this same deform_attn, with extra environment variables."""
     full = dict(os.environ, **env)
-    full.pop("DEFORM_ATTN_CPU_ISA", None) if "DEFORM_ATTN_CPU_ISA" not in env else None
+    if "DEFORM_ATTN_CPU_ISA" not in env:
+        full.pop("DEFORM_ATTN_CPU_ISA", None)
+    src = os.path.dirname(os.path.dirname(os.path.abspath(deform_attn.__file__)))
+    full["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [full.get("PYTHONPATH")])])
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         env=full,
