@@ -26,9 +26,6 @@ DEFORM_ATTN_DEFINE_ENTRY_POINTS(generic)
 namespace deform_attn {
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define DEFORM_ATTN_X86 1
-#endif
 
 cpu::DType dtype_of(at::ScalarType t) {
   switch (t) {

@@ -5,7 +5,7 @@
 
 #include "ms_deform_attn_cpu_kernel.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)  // see DEFORM_ATTN_X86 in ms_deform_attn_cpu_kernel.h
 #include <immintrin.h>
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")

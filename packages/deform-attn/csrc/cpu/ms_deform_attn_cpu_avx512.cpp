@@ -6,7 +6,7 @@
 
 #include "ms_deform_attn_cpu_kernel.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)  // see DEFORM_ATTN_X86 in ms_deform_attn_cpu_kernel.h
 // GCC 12 reports a false -Wmaybe-uninitialized inside its own AVX-512 conversion intrinsics
 // (_mm256_undefined_si256 as the pass-through operand).
 #pragma GCC diagnostic push

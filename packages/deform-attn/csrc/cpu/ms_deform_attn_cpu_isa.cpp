@@ -19,9 +19,8 @@
 
 #include "ms_deform_attn_cpu_kernel.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef DEFORM_ATTN_X86
 #include <cpuid.h>
-#define DEFORM_ATTN_X86 1
 #endif
 
 namespace deform_attn {
@@ -85,7 +84,7 @@ std::vector<std::string> missing_flags(cpu::Isa isa) {
   std::vector<std::string> miss;
   const int level = static_cast<int>(isa);
 #ifndef DEFORM_ATTN_X86
-  if (level > 0) miss.push_back("x86-64 (this build has only the generic copy)");
+  if (level > 0) miss.push_back("a GCC build on x86-64 (this build has only the generic copy)");
   return miss;
 #endif
   if (level >= 1) {

@@ -24,6 +24,12 @@
 
 #include <cstdint>
 
+// The vector copies need GCC's `#pragma GCC target` (Clang ignores it): with other compilers, or off
+// x86-64, only the generic copy is built and the run-time choice knows it.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DEFORM_ATTN_X86 1
+#endif
+
 namespace deform_attn {
 namespace cpu {
 
