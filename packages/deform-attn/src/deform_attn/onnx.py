@@ -52,7 +52,7 @@ def _opset_version(default: int = 20) -> int:
         import onnxscript.evaluator
 
         recorder = onnxscript.evaluator.default()
-        return int(recorder.opset.version)  # torch's OpRecorder while the exporter traces
+        return int(recorder.opset.version)  # type: ignore[attr-defined]  # torch's OpRecorder
     except Exception:  # not under the exporter, or another onnxscript layout
         return default
 
