@@ -19,6 +19,9 @@
 #include "../ms_deform_attn.h"
 #include "ms_deform_attn_cpu_kernel.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>  // baseline of x86-64: the generic copy widens 16-bit rows with it
+#endif
 #define DEFORM_ATTN_ISA 0
 #include "ms_deform_attn_cpu_kernel_bodies.inc"
 DEFORM_ATTN_DEFINE_ENTRY_POINTS(generic)
