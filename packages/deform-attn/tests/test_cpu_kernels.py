@@ -158,6 +158,49 @@ def test_all_outside_is_exactly_zero(isa):
     assert torch.count_nonzero(out) == 0
 
 
+def _one_row_problem(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """A 1 x W map (W = a power of two >= 2n, so every location below is exact in float32) with locations
+    at the centres of the even pixels: the output of query k is exactly 1 x the value at pixel 2k (the
+    other corners are outside or hold zeros). Returns (spatial_shapes, level_start_index, locations, W)."""
+    width = 1 << (2 * n - 1).bit_length()
+    shapes, starts = torch.tensor([[1, width]]), torch.tensor([0])
+    xs = (2 * torch.arange(n, dtype=torch.float64) + 0.5) / width
+    loc = torch.stack([xs, torch.full_like(xs, 0.5)], -1).view(1, n, 1, 1, 1, 2).float()
+    return shapes, starts, loc, width
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.double() == b.double()) | (a.isnan() & b.isnan())
+
+
+def test_copy_float16_conversions_exact(isa):
+    """Every float16 bit pattern is read exactly (float16 -> float32), and float32 results are rounded to
+    float16 and bfloat16 exactly as torch rounds them (nearest even, overflow to inf, NaN stays NaN)."""
+    halves = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    n = halves.numel()
+    shapes, starts, loc, width = _one_row_problem(n)
+    value = torch.zeros(1, width, 1, 16, dtype=torch.float16)
+    value[0, 0 : 2 * n : 2] = halves[:, None, None]
+    out = ms_deform_attn(value, shapes, starts, loc, torch.ones(1, n, 1, 1, 1))
+    assert _same(out[0, :, 0], halves).all()
+    g = torch.Generator().manual_seed(0)
+    scale = 10.0 ** torch.randint(-12, 7, (30000,), generator=g).double()
+    special = torch.tensor([65504.0, 65519.0, 65520.0, 1e6, 6e-8, 3e-8, 2.9e-8, 1e-40, 3.4e38, 0.0, INF, NAN])
+    weights = torch.cat(
+        [(torch.randn(30000, generator=g, dtype=torch.float64) * scale).float(), special, -special]
+    )
+    n = weights.numel()
+    shapes, starts, loc, width = _one_row_problem(n)
+    for dtype in (torch.float16, torch.bfloat16):
+        value = torch.zeros(1, width, 1, 16, dtype=dtype)
+        value[0, 0 : 2 * n : 2] = 1
+        out = ms_deform_attn(value, shapes, starts, loc, weights.view(1, n, 1, 1, 1))  # = round(w * 1)
+        expected = weights.to(dtype)
+        if isa == "avx512bf16" and dtype == torch.bfloat16:  # VCVTNEPS2BF16 flushes subnormal results
+            expected = torch.where(weights.abs() < 1.1754944e-38, torch.zeros_like(expected), expected)
+        assert _same(out[0, :, 0], expected).all(), f"{dtype}: {weights[~_same(out[0, :, 0], expected)]}"
+
+
 # --- the run-time choice of the copy -----------------------------------------------------------------
 
 
