@@ -110,6 +110,8 @@ def instance_sets(draw, max_images: int = 4, max_side: int = 40):
             else:
                 box, m = shape()
                 cat = int(rnd.choice(cat_ids))
+                if rnd.random() < 0.1:  # a degenerate box (x2 < x1 from a broken model): pycocotools scores it
+                    box = [box[0] + box[2], box[1], -box[2], box[3]]
             dets.append({"image_id": image_id, "category_id": cat, "bbox": list(box), "score": float(scores[k]),
                          "segmentation": _rle_str(m), "mask": m})  # fmt: skip
     gt = {"images": images, "categories": [{"id": c, "name": f"c{c}"} for c in cat_ids], "annotations": anns}

@@ -184,9 +184,7 @@ def _box_problem(box: Any) -> str | None:
         return f"field 'bbox' must be [x, y, w, h], got {box!r}"
     if not all(_is_number(v) for v in box):
         return f"field 'bbox' must hold 4 finite numbers, got {box!r}"
-    if box[2] < 0 or box[3] < 0:
-        return f"field 'bbox' has a negative width or height: {box!r}"
-    return None
+    return None  # a negative width or height is kept: pycocotools scores such a box (it overlaps nothing)
 
 
 def _gt_segmentation_problem(seg: Any, size: list[int], checks: list) -> str | None:
@@ -205,12 +203,48 @@ def _gt_segmentation_problem(seg: Any, size: list[int], checks: list) -> str | N
     return _rle.polygon_problem(seg)
 
 
+def _annotation_problem(ann: Any, where: str, iou_type: str, sizes: dict, cat_ids: set, compressed: list,
+                        compressed_owner: list, index: int) -> None:
+    """Raise the EvaluationError that names what is wrong with one GT annotation (the slow path); a valid
+    annotation that only missed the fast path returns (queueing its compressed RLE, if any)."""
+    image_id = require(ann, "image_id", where)
+    try:
+        known = image_id in sizes
+    except TypeError:
+        known = False
+    if not known:
+        raise EvaluationError(f"{where}: image_id {image_id!r} is not in 'images'")
+    try:
+        known = require(ann, "category_id", where) in cat_ids
+    except TypeError:
+        known = False
+    if not known:
+        raise EvaluationError(f"{where}: category_id {ann['category_id']!r} is not in 'categories'")
+    _check_number(require(ann, "area", where), where, "area")
+    crowd = ann.get("iscrowd", 0)
+    if isinstance(crowd, float) or crowd not in (0, 1):
+        raise EvaluationError(f"{where}: field 'iscrowd' must be 0 or 1, got {crowd!r}")
+    if iou_type == "bbox":
+        problem = _box_problem(require(ann, "bbox", where))
+    else:
+        before = len(compressed)
+        problem = _gt_segmentation_problem(require(ann, "segmentation", where), sizes[image_id], compressed)
+        if len(compressed) > before:
+            compressed_owner.append(index)
+    if problem:
+        raise EvaluationError(f"{where} (id {ann.get('id')!r}, image_id {image_id!r}): {problem}")
+
+
 def _prepared_ground_truth(data: dict, name: str, iou_type: str) -> dict:
     """Validated shallow copy of a COCO GT dict (backends mutate annotation dicts in place)."""
     sizes: dict[Any, list[int]] = {}
     for i, img in enumerate(data["images"]):
         where = f"{name}: images[{i}]"
         image_id = require(img, "id", where)
+        try:
+            hash(image_id)
+        except TypeError:
+            raise EvaluationError(f"{where}: 'id' must be an integer, got {image_id!r}") from None
         if image_id in sizes:
             raise EvaluationError(f"{where}: duplicate image id {image_id!r}")
         if iou_type == "segm":  # masks are rasterised at the image size
@@ -229,26 +263,34 @@ def _prepared_ground_truth(data: dict, name: str, iou_type: str) -> dict:
     anns = []
     compressed: list[Any] = []
     compressed_owner: list[int] = []
+    coords: list[Any] = []  # every polygon coordinate, type- and finiteness-checked in one go below
+    geometry = "bbox" if iou_type == "bbox" else "segmentation"
+    number = (float, int)
     for i, ann in enumerate(data.get("annotations", [])):
-        where = f"{name}: annotations[{i}]"
-        image_id = require(ann, "image_id", where)
-        if image_id not in sizes:
-            raise EvaluationError(f"{where}: image_id {image_id!r} is not in 'images'")
-        if require(ann, "category_id", where) not in cat_ids:
-            raise EvaluationError(f"{where}: category_id {ann['category_id']!r} is not in 'categories'")
-        _check_number(require(ann, "area", where), where, "area")
-        crowd = ann.get("iscrowd", 0)
-        if crowd not in (0, 1) or isinstance(crowd, float):
-            raise EvaluationError(f"{where}: field 'iscrowd' must be 0 or 1, got {crowd!r}")
-        if iou_type == "bbox":
-            problem = _box_problem(require(ann, "bbox", where))
-        else:
-            before = len(compressed)
-            problem = _gt_segmentation_problem(require(ann, "segmentation", where), sizes[image_id], compressed)
-            if len(compressed) > before:
+        try:  # fast path; any irregularity goes to _annotation_problem, which names it
+            image_id, geom, crowd = ann["image_id"], ann[geometry], ann.get("iscrowd", 0)
+            ok = (image_id in sizes and ann["category_id"] in cat_ids and type(ann["area"]) in number
+                  and math.isfinite(ann["area"]) and (crowd == 0 or crowd == 1) and type(crowd) is not float)  # fmt: skip
+        except (KeyError, TypeError, AttributeError):
+            ok = False
+        if ok:
+            if iou_type == "bbox":
+                ok = type(geom) is list and len(geom) == 4 and all(type(v) in number for v in geom)
+                ok = ok and all(map(math.isfinite, geom))
+            elif type(geom) is list:
+                ok = all(type(p) is list and len(p) >= 6 and not len(p) % 2 for p in geom) and len(geom) > 0
+                if ok:
+                    for poly in geom:
+                        coords.extend(poly)
+            elif type(geom) is dict and type(geom.get("counts")) is str and geom.get("size") == sizes[image_id]:
+                compressed.append(geom["counts"])
                 compressed_owner.append(i)
-        if problem:
-            raise EvaluationError(f"{where} (id {ann.get('id')!r}, image_id {image_id!r}): {problem}")
+            else:
+                ok = False
+        if not ok:
+            _annotation_problem(ann, f"{name}: annotations[{i}]", iou_type, sizes, cat_ids, compressed,
+                                compressed_owner, i)  # fmt: skip
+            crowd = ann.get("iscrowd", 0)
         ann = dict(ann)
         ann["iscrowd"] = int(crowd)  # pycocotools raises KeyError without it; COCO files omit it for non-crowd
         ann.pop("ignore", None)  # pycocotools overwrites it with iscrowd; dropped so no backend reads it
@@ -257,6 +299,12 @@ def _prepared_ground_truth(data: dict, name: str, iou_type: str) -> dict:
         # comes from the file order), so 1-based renumbering keeps every other result bit-identical.
         ann["id"] = i + 1
         anns.append(ann)
+    if coords and not (set(map(type, coords)) <= {float, int} and np.isfinite(np.asarray(coords, np.float64)).all()):
+        for i, ann in enumerate(data["annotations"]):
+            problem = _rle.polygon_problem(ann["segmentation"]) if type(ann["segmentation"]) is list else None
+            if problem:
+                raise EvaluationError(f"{name}: annotations[{i}] (id {ann.get('id')!r}, image_id "
+                                      f"{ann['image_id']!r}): {problem}")  # fmt: skip
     if compressed:
         totals = []
         for i in compressed_owner:
@@ -289,24 +337,30 @@ class Detections:
     ``areas`` (N,) their pixel counts for segm.
     """
 
-    image_ids: list
-    category_ids: list
+    image_ids: list | np.ndarray
+    category_ids: list | np.ndarray
     scores: np.ndarray
     boxes: np.ndarray | None = None
     rles: list[dict] | None = None
     areas: np.ndarray | None = None
+    mask_boxes: np.ndarray | None = None  # (N, 4) pycocotools' toBbox of each mask (from the C path only)
 
     def __len__(self) -> int:
         return len(self.scores)
 
     def records(self, iou_type: str) -> list[dict]:
         """COCO result dicts holding only what ``iou_type`` uses (the box alone, or the mask alone)."""
+        image_ids, cat_ids = _as_list(self.image_ids), _as_list(self.category_ids)
         if iou_type == "bbox":
             boxes = self.boxes.tolist()
             return [{"image_id": i, "category_id": c, "score": s, "bbox": b}
-                    for i, c, s, b in zip(self.image_ids, self.category_ids, self.scores.tolist(), boxes)]  # fmt: skip
+                    for i, c, s, b in zip(image_ids, cat_ids, self.scores.tolist(), boxes)]  # fmt: skip
         return [{"image_id": i, "category_id": c, "score": s, "segmentation": r}
-                for i, c, s, r in zip(self.image_ids, self.category_ids, self.scores.tolist(), self.rles)]  # fmt: skip
+                for i, c, s, r in zip(image_ids, cat_ids, self.scores.tolist(), self.rles)]  # fmt: skip
+
+
+def _as_list(x: list | np.ndarray) -> list:
+    return x.tolist() if isinstance(x, np.ndarray) else x
 
 
 _INT_TYPES = {int, np.int64, np.int32, np.uint32, np.uint64, np.int16, np.uint16, np.int8, np.uint8}
@@ -388,13 +442,16 @@ def prepare_detections(records: Sequence[dict], gt: dict, iou_type: str, name: s
 
     Raises:
         EvaluationError: a missing field, an image or category id unknown to the ground truth, a score that
-            is not a finite number, a malformed box (not 4 finite numbers, negative size), a mask of the wrong
+            is not a finite number, a malformed box (not 4 finite numbers), a mask of the wrong
             size or a malformed RLE / polygon.
     """
     images = {img["id"]: img for img in gt["images"]}
     cat_ids = {cat["id"] for cat in gt["categories"]}
     key = "bbox" if iou_type == "bbox" else "segmentation"
     n = len(records)
+    fast = _prepare_detections_c(records, gt, iou_type)
+    if fast is not None:
+        return fast
     try:
         image_ids = [d["image_id"] for d in records]
         category_ids = [d["category_id"] for d in records]
@@ -419,7 +476,7 @@ def prepare_detections(records: Sequence[dict], gt: dict, iou_type: str, name: s
             flat = [v for g in geoms for v in g]
             if set(map(type, flat)) <= _NUM_TYPES:
                 boxes = np.asarray(flat, dtype=np.float64).reshape(n, 4)
-                if not (np.isfinite(boxes).all() and (boxes[:, 2:] >= 0).all()):
+                if not np.isfinite(boxes).all():
                     boxes = None
         if boxes is None:
             _diagnose(records, name, key, images, cat_ids)
@@ -443,6 +500,39 @@ def prepare_detections(records: Sequence[dict], gt: dict, iou_type: str, name: s
         raise EvaluationError(f"{name}: [{i}] (image_id {image_ids[i]!r}): {_rle.PROBLEMS[int(areas[i])]} "
                               f"({totals[i]} for size {sizes[image_ids[i]]})")  # fmt: skip
     return Detections(image_ids, category_ids, score_arr, rles=rles, areas=areas.astype(np.float64))
+
+
+def _prepare_detections_c(records: Sequence[dict], gt: dict, iou_type: str) -> Detections | None:
+    """The compiled fast path of :func:`prepare_detections`: None when it does not apply (no compiled
+    module, non-integer GT ids) or when a record needs the Python path (unusual types or an error to name)."""
+    if _rle._speedups is None or not isinstance(records, list):
+        return None
+    gt_ids = [img["id"] for img in gt["images"]]
+    gt_cats = [cat["id"] for cat in gt["categories"]]
+    if not all(type(i) is int for i in gt_ids) or not all(type(c) is int for c in gt_cats):
+        return None
+    bad, img_b, cat_b, score_b, geo, size_b, counts = _rle._speedups.extract(records, iou_type == "bbox")
+    if bad >= 0:
+        return None
+    n = len(records)
+    image_ids = np.frombuffer(img_b, np.int64)
+    category_ids = np.frombuffer(cat_b, np.int64)
+    scores = np.frombuffer(score_b, np.float64)
+    ids = np.asarray(gt_ids, np.int64)
+    order = np.argsort(ids, kind="stable")
+    pos = np.clip(np.searchsorted(ids[order], image_ids), 0, max(len(ids) - 1, 0))
+    if not len(ids) or not (ids[order][pos] == image_ids).all() or not np.isin(category_ids, gt_cats).all():
+        return None
+    if iou_type == "bbox":
+        return Detections(image_ids, category_ids, scores, boxes=np.frombuffer(geo, np.float64).reshape(n, 4))
+    img_index = order[pos]  # each detection's row in gt["images"]
+    hw = np.asarray([[img["height"], img["width"]] for img in gt["images"]], np.int64).reshape(-1, 2)[img_index]
+    if not np.array_equal(np.frombuffer(size_b, np.int64).reshape(n, 2), hw):
+        return None  # a size mismatch: the Python path names it
+    codes, mask_boxes = _rle.area_and_bbox(counts, hw, with_bbox=False)
+    if (codes < 0).any():
+        return None
+    return Detections(image_ids, category_ids, scores, rles=geo, areas=codes.astype(np.float64), mask_boxes=mask_boxes)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -539,6 +629,15 @@ def _run_hotcoco(gt: dict, dets: Detections, iou_type: str, p: _Params):
         arr[:, 5] = dets.scores
         arr[:, 6] = dets.category_ids
         coco_dt = coco_gt.load_res(arr)
+    elif dets.mask_boxes is not None and len(dets):
+        # the array form again, with the mask's box (what loadRes derives) and then the mask's area
+        arr = np.empty((len(dets), 7), np.float64)
+        arr[:, 0] = dets.image_ids
+        arr[:, 1:5] = dets.mask_boxes
+        arr[:, 5] = dets.scores
+        arr[:, 6] = dets.category_ids
+        coco_dt = coco_gt.load_res(arr, segmentation=dets.rles)
+        coco_dt.update_anns(ids=np.arange(1, len(dets) + 1, dtype=np.int64), area=dets.areas)
     else:
         coco_dt = coco_gt.load_res(dets.records("segm"))
     ev = hotcoco.COCOeval(coco_gt, coco_dt, iou_type)
