@@ -19,12 +19,14 @@ import multiprocessing
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from coco_eval._io import PathLike, describe, load_json, read_panoptic_png, require
+from coco_eval._io import PathLike, describe, load_json, require
+from coco_eval.panoptic_io import read_panoptic_png
 from coco_eval.errors import EvaluationError
 
 OFFSET = 256 * 256 * 256  # ids fit in 24 bits (RGB), so gt * OFFSET + pred is a unique pair key
@@ -49,6 +51,162 @@ def _segments_by_id(segments_info: Any, where: str) -> dict[int, dict]:
     return out
 
 
+def _segment_index(ids: np.ndarray, seg_ids: np.ndarray, where: str) -> np.ndarray:
+    """Each pixel's position in ``[VOID, *seg_ids]`` (0 for VOID): (H*W,) intp.
+
+    Raises EvaluationError naming the ids that are in the PNG but not in ``segments_info``.
+    """
+    lookup = np.concatenate([[VOID], seg_ids]).astype(ids.dtype)  # seg_ids sorted, > 0
+    if lookup.size <= 1:
+        idx = np.zeros(ids.shape, np.intp)
+        bad = ids != VOID
+    else:
+        idx = np.searchsorted(lookup, ids)
+        np.minimum(idx, lookup.size - 1, out=idx)
+        bad = lookup[idx] != ids
+    if bad.any():
+        missing = np.unique(ids[bad])[:10].tolist()
+        raise EvaluationError(f"{where}: segment ids {missing} are in the PNG but not in segments_info")
+    return idx
+
+
+@dataclass
+class ImageStats:
+    """One image's PQ contributions: ``matches`` [(category id, IoU)] in (GT id, predicted id) order, the
+    order in which panopticapi adds IoUs, and ``counts`` {category id: [TP, FP, FN]}."""
+
+    matches: list[tuple[int, float]]
+    counts: dict[int, list[int]]
+
+    def add_to(self, stats: CategoryStats) -> CategoryStats:
+        """Accumulate into {category id: [sum IoU, TP, FP, FN]} (in place) exactly as panopticapi does."""
+        for cat, iou in self.matches:
+            s = stats.get(cat)
+            if s is None:
+                s = stats[cat] = [0.0, 0, 0, 0]
+            s[0] += iou
+        for cat, (tp, fp, fn) in self.counts.items():
+            s = stats.get(cat)
+            if s is None:
+                s = stats[cat] = [0.0, 0, 0, 0]
+            s[1] += tp
+            s[2] += fp
+            s[3] += fn
+        return stats
+
+
+def pq_image(
+    gt_ids: np.ndarray,
+    gt_segments: Sequence[dict],
+    pred_ids: np.ndarray,
+    pred_segments: Sequence[dict],
+    categories: Mapping[int, dict],
+    where: str = "image",
+) -> ImageStats:
+    """PQ contributions of one image, panopticapi's per-image algorithm with the pixel work vectorised.
+
+    One ``bincount`` over combined (GT segment, predicted segment) indices gives every overlap, the segment
+    areas and the VOID overlaps; matching (IoU > 0.5), false negatives and the VOID/crowd rule for false
+    positives are then array operations on the (G, P) overlap matrix.
+
+    Args:
+        gt_ids: (H, W) integer GT segment ids (0 = VOID).
+        gt_segments: GT ``segments_info`` (``id``, ``category_id``, ``iscrowd``, optional ``area``: as in
+            panopticapi the GT area is the json ``area``; the PNG count when absent).
+        pred_ids: (H, W) integer predicted segment ids (0 = VOID), same size as ``gt_ids``.
+        pred_segments: predicted ``segments_info`` (``id``, ``category_id``).
+        categories: {category id: category dict}.
+        where: text naming the image in error messages.
+    Raises:
+        EvaluationError: size mismatch, ids in the PNG missing from segments_info or the reverse, duplicate or
+            reserved (0) ids, unknown categories, ids outside [0, 2^24).
+    """
+    gt_ids = np.asarray(gt_ids)
+    pred_ids = np.asarray(pred_ids)
+    if gt_ids.shape != pred_ids.shape:
+        raise EvaluationError(f"{where}: prediction size {pred_ids.shape} differs from ground truth {gt_ids.shape}")
+    for name, ids in (("ground truth", gt_ids), ("prediction", pred_ids)):
+        if ids.dtype.kind not in "iu":
+            raise EvaluationError(f"{where}: {name} segment ids must be integers, got dtype {ids.dtype}")
+        if ids.dtype.kind == "i" or ids.dtype.itemsize > 4:
+            if ids.size and (ids.min() < 0 or ids.max() >= OFFSET):
+                raise EvaluationError(f"{where}: {name} segment ids must lie in [0, 2^24)")
+    gt_segms = _segments_by_id(gt_segments, f"{where} (ground truth)")
+    pred_segms = _segments_by_id(pred_segments, f"{where} (prediction)")
+    for label, segms in (("ground truth", gt_segms), ("prediction", pred_segms)):
+        for seg in segms.values():
+            if seg["category_id"] not in categories:
+                raise EvaluationError(f"{where} ({label}): segment {seg['id']} has unknown category_id {seg['category_id']}")
+
+    g_ids = np.array(sorted(gt_segms), np.int64)
+    p_ids = np.array(sorted(pred_segms), np.int64)
+    gi = _segment_index(gt_ids.ravel(), g_ids, f"{where} (ground truth)")
+    pi = _segment_index(pred_ids.ravel(), p_ids, f"{where} (prediction)")
+    n_g, n_p = g_ids.size, p_ids.size
+    overlap = np.bincount(gi * (n_p + 1) + pi, minlength=(n_g + 1) * (n_p + 1)).reshape(n_g + 1, n_p + 1)
+    gt_png_area = overlap[1:].sum(axis=1)
+    pred_area = overlap[:, 1:].sum(axis=0)
+    for label, ids_, area in (("prediction", p_ids, pred_area), ("ground truth", g_ids, gt_png_area)):
+        absent = ids_[area == 0]
+        if absent.size:
+            raise EvaluationError(f"{where} ({label}): segment ids {absent[:10].tolist()} are in segments_info but "
+                                  "not in the PNG")  # fmt: skip
+
+    g_info = [gt_segms[int(g)] for g in g_ids]
+    p_info = [pred_segms[int(p)] for p in p_ids]
+    # panopticapi takes the GT area from the json; the PNG count when the json has none
+    gt_area = np.array([seg.get("area", a) for seg, a in zip(g_info, gt_png_area.tolist())], np.float64)
+    g_cat = np.array([seg["category_id"] for seg in g_info], np.int64)
+    g_crowd = np.array([seg.get("iscrowd", 0) == 1 for seg in g_info], bool)
+    p_cat = np.array([seg["category_id"] for seg in p_info], np.int64)
+    inter = overlap[1:, 1:]
+    void = overlap[0, 1:]
+
+    # matching: same category, GT not crowd, IoU > 0.5; np.nonzero walks (GT id, pred id) in ascending order
+    gg, pp = np.nonzero((inter > 0) & (g_cat[:, None] == p_cat[None, :]) & ~g_crowd[:, None])
+    # the same float operations in the same order as panopticapi: pred + gt - intersection - void
+    union = ((pred_area[pp] + gt_area[gg]) - inter[gg, pp]) - void[pp]
+    iou = inter[gg, pp] / union
+    ok = iou > 0.5
+    gg, pp, iou = gg[ok], pp[ok], iou[ok]
+    matched_g = np.zeros(n_g, bool)
+    matched_g[gg] = True
+    matched_p = np.zeros(n_p, bool)
+    matched_p[pp] = True
+
+    counts: dict[int, list[int]] = {}
+
+    def count(cat: int, k: int) -> None:
+        c = counts.get(cat)
+        if c is None:
+            c = counts[cat] = [0, 0, 0]
+        c[k] += 1
+
+    matches = [(int(g_cat[g]), float(v)) for g, v in zip(gg.tolist(), iou.tolist())]
+    for cat, _ in matches:
+        count(cat, 0)
+    crowd_by_cat: dict[int, int] = {}  # category -> row of its last crowd segment in segments_info order
+    for seg in gt_segments:
+        j = int(np.searchsorted(g_ids, int(seg["id"])))
+        if matched_g[j]:
+            continue
+        if g_crowd[j]:
+            crowd_by_cat[int(g_cat[j])] = j
+            continue
+        count(int(g_cat[j]), 2)
+    unmatched = np.flatnonzero(~matched_p)
+    if unmatched.size:
+        ignored = void[unmatched].astype(np.int64)
+        if crowd_by_cat:
+            rows = np.array([crowd_by_cat.get(int(c), -1) for c in p_cat[unmatched]], np.int64)
+            has = rows >= 0
+            ignored[has] += inter[rows[has], unmatched[has]]
+        fp = (ignored / pred_area[unmatched]) <= 0.5
+        for p in unmatched[fp].tolist():
+            count(int(p_cat[p]), 1)
+    return ImageStats(matches, counts)
+
+
 def pq_single_image(
     gt_ids: np.ndarray,
     gt_segments: Sequence[dict],
@@ -58,123 +216,13 @@ def pq_single_image(
     where: str = "image",
     stats: CategoryStats | None = None,
 ) -> CategoryStats:
-    """Accumulate one image's PQ statistics.
+    """Accumulate one image's PQ statistics (see :func:`pq_image` for the arguments).
 
-    Args:
-        gt_ids: (H, W) integer GT segment ids (0 = VOID).
-        gt_segments: GT ``segments_info`` (``id``, ``category_id``, ``iscrowd``, optional ``area``).
-        pred_ids: (H, W) integer predicted segment ids (0 = VOID), same size as ``gt_ids``.
-        pred_segments: predicted ``segments_info`` (``id``, ``category_id``).
-        categories: {category id: category dict with ``isthing``}.
-        where: text naming the image in error messages.
-        stats: accumulator to add into (created when None).
     Returns:
-        ``stats``: {category id: [sum IoU, TP, FP, FN]}.
-    Raises:
-        EvaluationError: size mismatch, ids in the PNG missing from segments_info or the reverse,
-            duplicate ids, unknown categories.
+        ``stats`` (created when None): {category id: [sum IoU, TP, FP, FN]}.
     """
     stats = {} if stats is None else stats
-    gt_ids = np.asarray(gt_ids)
-    pred_ids = np.asarray(pred_ids)
-    if gt_ids.shape != pred_ids.shape:
-        raise EvaluationError(f"{where}: prediction size {pred_ids.shape} differs from ground truth {gt_ids.shape}")
-    for name, ids in (("ground truth", gt_ids), ("prediction", pred_ids)):
-        if ids.size and (ids.min() < 0 or ids.max() >= OFFSET):
-            raise EvaluationError(f"{where}: {name} segment ids must lie in [0, 2^24)")
-    gt_segms = _segments_by_id(gt_segments, f"{where} (ground truth)")
-    pred_segms = _segments_by_id(pred_segments, f"{where} (prediction)")
-    for seg in gt_segms.values():
-        if seg["category_id"] not in categories:
-            raise EvaluationError(f"{where} (ground truth): segment {seg['id']} has unknown category_id {seg['category_id']}")
-    for seg in pred_segms.values():
-        if seg["category_id"] not in categories:
-            raise EvaluationError(f"{where} (prediction): segment {seg['id']} has unknown category_id {seg['category_id']}")
-
-    # One sort gives every (gt, pred) overlap; per-segment areas are sums over it.
-    joint = gt_ids.astype(np.uint64).ravel() * np.uint64(OFFSET) + pred_ids.astype(np.uint64).ravel()
-    keys, counts = np.unique(joint, return_counts=True)
-    pair_gt = (keys // OFFSET).astype(np.int64)
-    pair_pred = (keys % OFFSET).astype(np.int64)
-
-    pred_present, pred_inv = np.unique(pair_pred, return_inverse=True)
-    pred_area_arr = np.bincount(pred_inv, weights=counts).astype(np.int64)
-    pred_area = {int(p): int(a) for p, a in zip(pred_present, pred_area_arr)}
-    gt_unique, gt_inv = np.unique(pair_gt, return_inverse=True)
-    gt_area_png = np.bincount(gt_inv, weights=counts).astype(np.int64)
-    gt_present = set(gt_unique.tolist())
-
-    missing = sorted(set(pred_area) - set(pred_segms) - {VOID})
-    if missing:
-        raise EvaluationError(f"{where} (prediction): segment ids {missing[:10]} are in the PNG but not in segments_info")
-    absent = sorted(set(pred_segms) - set(pred_area))
-    if absent:
-        raise EvaluationError(f"{where} (prediction): segment ids {absent[:10]} are in segments_info but not in the PNG")
-    missing = sorted(gt_present - set(gt_segms) - {VOID})
-    if missing:
-        raise EvaluationError(f"{where} (ground truth): segment ids {missing[:10]} are in the PNG but not in segments_info")
-    absent = sorted(set(gt_segms) - gt_present)
-    if absent:
-        raise EvaluationError(f"{where} (ground truth): segment ids {absent[:10]} are in segments_info but not in the PNG")
-
-    gt_area: dict[int, int] = {}
-    for g, a in zip(gt_unique.tolist(), gt_area_png.tolist()):
-        if g in gt_segms:
-            # panopticapi takes the GT area from the json; fall back to the PNG when the json has none
-            gt_area[g] = gt_segms[g].get("area", a)
-
-    void_overlap: dict[int, int] = {}
-    pairs: list[tuple[int, int, int]] = []
-    for g, p, c in zip(pair_gt.tolist(), pair_pred.tolist(), counts.tolist()):
-        if g == VOID:
-            void_overlap[p] = c
-        pairs.append((g, p, c))
-
-    def cat_stats(cat: int) -> list:
-        s = stats.get(cat)
-        if s is None:
-            s = stats[cat] = [0.0, 0, 0, 0]
-        return s
-
-    gt_matched: set[int] = set()
-    pred_matched: set[int] = set()
-    for g, p, inter in pairs:  # sorted by (gt, pred) id, the order panopticapi adds IoUs in
-        gseg = gt_segms.get(g)
-        pseg = pred_segms.get(p)
-        if gseg is None or pseg is None or gseg.get("iscrowd", 0) == 1:
-            continue
-        if gseg["category_id"] != pseg["category_id"]:
-            continue
-        union = pred_area[p] + gt_area[g] - inter - void_overlap.get(p, 0)
-        iou = inter / union
-        if iou > 0.5:
-            s = cat_stats(gseg["category_id"])
-            s[1] += 1
-            s[0] += iou
-            gt_matched.add(g)
-            pred_matched.add(p)
-
-    crowd_by_cat: dict[int, int] = {}
-    for g, gseg in gt_segms.items():
-        if g in gt_matched:
-            continue
-        if gseg.get("iscrowd", 0) == 1:
-            crowd_by_cat[gseg["category_id"]] = g  # last one wins, as in panopticapi
-            continue
-        cat_stats(gseg["category_id"])[3] += 1
-
-    overlap_lookup = {(g, p): c for g, p, c in pairs} if crowd_by_cat else {}
-    for p, pseg in pred_segms.items():
-        if p in pred_matched:
-            continue
-        ignored = void_overlap.get(p, 0)
-        crowd = crowd_by_cat.get(pseg["category_id"])
-        if crowd is not None:
-            ignored += overlap_lookup.get((crowd, p), 0)
-        if ignored / pred_area[p] > 0.5:
-            continue
-        cat_stats(pseg["category_id"])[2] += 1
-    return stats
+    return pq_image(gt_ids, gt_segments, pred_ids, pred_segments, categories, where).add_to(stats)
 
 
 def merge_stats(parts: Sequence[CategoryStats]) -> CategoryStats:
@@ -222,20 +270,80 @@ def pq_average(stats: CategoryStats, categories: Mapping[int, dict]) -> dict:
     return results
 
 
-def _evaluate_chunk(args: tuple) -> CategoryStats:
-    pairs, gt_dir, pred_dir, categories = args
-    stats: CategoryStats = {}
-    for gt_ann, pred_ann in pairs:
-        where = f"image {gt_ann['image_id']}"
-        gt = read_panoptic_png(os.path.join(gt_dir, gt_ann["file_name"]))
-        pred_path = os.path.join(pred_dir, pred_ann["file_name"])
-        pred = read_panoptic_png(pred_path)
-        if gt.shape != pred.shape:
-            raise EvaluationError(f"{where}: predicted PNG {pred_path!r} has size {pred.shape[::-1]} (W, H) but the "
-                                  f"ground truth has {gt.shape[::-1]}")  # fmt: skip
-        pq_single_image(gt, gt_ann["segments_info"], pred, pred_ann["segments_info"], categories,
-                        f"{where} ({pred_ann['file_name']})", stats)  # fmt: skip
-    return stats
+def _evaluate_pair(args: tuple) -> ImageStats:
+    gt_ann, pred_ann, gt_dir, pred_dir, categories = args
+    where = f"image {gt_ann['image_id']}"
+    gt = read_panoptic_png(os.path.join(gt_dir, gt_ann["file_name"]))
+    pred_path = os.path.join(pred_dir, pred_ann["file_name"])
+    pred = read_panoptic_png(pred_path)
+    if gt.shape != pred.shape:
+        raise EvaluationError(f"{where}: predicted PNG {pred_path!r} has size {pred.shape[::-1]} (W, H) but the "
+                              f"ground truth has {gt.shape[::-1]}")  # fmt: skip
+    return pq_image(gt, gt_ann["segments_info"], pred, pred_ann["segments_info"], categories,
+                    f"{where} ({pred_ann['file_name']})")  # fmt: skip
+
+
+_CONTEXT: tuple | None = None  # (gt_dir, pred_dir, categories) inherited by forked workers
+
+
+def _evaluate_chunk(pairs: list[tuple[dict, dict]]) -> list[ImageStats]:
+    gt_dir, pred_dir, categories = _CONTEXT  # type: ignore[misc]
+    return [_evaluate_pair((g, p, gt_dir, pred_dir, categories)) for g, p in pairs]
+
+
+def check_workers(workers: Any, what: str = "workers") -> int:
+    """Validate a worker count: an int >= 1, or 0 for one per CPU this process may use. Returns the count."""
+    if isinstance(workers, bool) or not isinstance(workers, int | np.integer) or workers < 0:
+        raise EvaluationError(f"{what} must be an integer >= 1 (or 0 for one per CPU), got {workers!r}")
+    if workers == 0:
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:
+            return max(1, os.cpu_count() or 1)
+    return int(workers)
+
+
+def map_images(fn: Any, items: Sequence, workers: int, progress: bool = False, desc: str = "images",
+               context: tuple | None = None) -> list:
+    """``[fn(chunk) for chunk in chunks(items)]`` flattened, in order, over ``workers`` processes.
+
+    ``fn`` takes a list of items and returns a list of results. Chunks of 16 items keep the progress bar
+    moving and the workers busy. ``context`` is made available to forked workers (and the serial path) as
+    the module global ``_CONTEXT``.
+    """
+    global _CONTEXT
+    chunk = 16
+    chunks = [list(items[i : i + chunk]) for i in range(0, len(items), chunk)]
+    bar = _progress(len(items), desc) if progress else None
+    out: list = []
+    _CONTEXT = context
+    try:
+        if workers <= 1 or len(chunks) <= 1:
+            for c in chunks:
+                out.extend(fn(c))
+                if bar is not None:
+                    bar.update(len(c))
+            return out
+        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=ctx) as pool:
+            for c, res in zip(chunks, pool.map(fn, chunks)):
+                out.extend(res)
+                if bar is not None:
+                    bar.update(len(c))
+        return out
+    finally:
+        _CONTEXT = None
+        if bar is not None:
+            bar.close()
+
+
+def _progress(total: int, desc: str) -> Any:
+    """A tqdm bar when tqdm is installed, else None (progress is optional)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def _load_panoptic_json(source: PathLike | dict, what: str) -> tuple[dict, str]:
@@ -254,6 +362,7 @@ def pq_compute(
     pred_json: PathLike | dict,
     pred_dir: PathLike,
     workers: int = 1,
+    progress: bool = False,
 ) -> dict:
     """Panoptic quality of a prediction folder against COCO panoptic ground truth.
 
@@ -264,10 +373,14 @@ def pq_compute(
         pred_json: prediction json (path or dict) with ``annotations`` in the same format
             (``categories`` are taken from the GT).
         pred_dir: folder of predicted PNGs.
-        workers: processes reading and scoring images (contiguous chunks, merged in order).
+        workers: processes reading and scoring images (>= 1; 0 = one per CPU). Images are accumulated in
+            json order whatever the count, so the result does not depend on it (it equals panopticapi's
+            ``pq_compute`` run in one process, bit for bit).
+        progress: show a tqdm progress bar (when tqdm is installed).
     Returns:
         ``{"All": {"pq", "sq", "rq", "n"}, "Things": ..., "Stuff": ..., "per_class": {cat id: {...}}}`` (fractions).
     """
+    workers = check_workers(workers)
     gt, gt_name = _load_panoptic_json(gt_json, "ground-truth panoptic json")
     pred, pred_name = _load_panoptic_json(pred_json, "prediction panoptic json")
     categories = {}
@@ -301,15 +414,12 @@ def pq_compute(
     if unknown:
         raise EvaluationError(f"{pred_name}: predictions for image ids {unknown[:5]} that are not in the ground truth")
 
-    workers = max(1, min(int(workers), len(pairs)))
-    if workers == 1:
-        return pq_average(merge_stats([_evaluate_chunk((pairs, str(gt_dir), str(pred_dir), categories))]), categories)
-    bounds = np.linspace(0, len(pairs), workers + 1).astype(int)
-    chunks = [(pairs[a:b], str(gt_dir), str(pred_dir), categories) for a, b in zip(bounds[:-1], bounds[1:])]
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        parts = list(pool.map(_evaluate_chunk, chunks))
-    return pq_average(merge_stats(parts), categories)
+    per_image = map_images(_evaluate_chunk, pairs, workers, progress, "panoptic",
+                           (str(gt_dir), str(pred_dir), categories))  # fmt: skip
+    stats: CategoryStats = {}
+    for image in per_image:
+        image.add_to(stats)
+    return pq_average(stats, categories)
 
 
 def format_pq_table(results: dict) -> str:
