@@ -56,7 +56,7 @@ def instance_sets(draw, max_images: int = 4, max_side: int = 40):
         images.append({"id": image_id, "height": h, "width": w})
         objects = []
 
-        def shape():
+        def shape(h=h, w=w):
             x0, y0 = int(rnd.integers(0, w - 1)), int(rnd.integers(0, h - 1))
             x1, y1 = int(rnd.integers(x0 + 1, w + 1)), int(rnd.integers(y0 + 1, h + 1))
             if rnd.random() < 0.3:  # half-pixel boxes: IoUs land exactly on thresholds less often
@@ -110,7 +110,9 @@ def instance_sets(draw, max_images: int = 4, max_side: int = 40):
             else:
                 box, m = shape()
                 cat = int(rnd.choice(cat_ids))
-                if rnd.random() < 0.1:  # a degenerate box (x2 < x1 from a broken model): pycocotools scores it
+                if (
+                    rnd.random() < 0.1
+                ):  # a degenerate box (x2 < x1 from a broken model): pycocotools scores it
                     box = [box[0] + box[2], box[1], -box[2], box[3]]
             dets.append({"image_id": image_id, "category_id": cat, "bbox": list(box), "score": float(scores[k]),
                          "segmentation": _rle_str(m), "mask": m})  # fmt: skip

@@ -24,10 +24,24 @@ def _box_gt():
         "images": [{"id": 1, "width": 200, "height": 200}],
         "categories": [{"id": 3, "name": "cat"}],
         "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 50, 50], "area": 2500, "iscrowd": 0,
-             "segmentation": [[0, 0, 50, 0, 50, 50, 0, 50]]},
-            {"id": 2, "image_id": 1, "category_id": 3, "bbox": [100, 100, 50, 50], "area": 2500, "iscrowd": 0,
-             "segmentation": [[100, 100, 150, 100, 150, 150, 100, 150]]},
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 3,
+                "bbox": [0, 0, 50, 50],
+                "area": 2500,
+                "iscrowd": 0,
+                "segmentation": [[0, 0, 50, 0, 50, 50, 0, 50]],
+            },
+            {
+                "id": 2,
+                "image_id": 1,
+                "category_id": 3,
+                "bbox": [100, 100, 50, 50],
+                "area": 2500,
+                "iscrowd": 0,
+                "segmentation": [[100, 100, 150, 100, 150, 150, 100, 150]],
+            },
         ],
     }
 
@@ -248,6 +262,10 @@ def test_correction_is_exercised_on_random_sets():
         if not dets:
             continue
         _, ref_prec = _pycocotools_stats(gt, dets, "bbox")
-        np.testing.assert_array_equal(evaluate_instances(gt, dets, "bbox", backend="faster").precision, ref_prec)
-        raw_differs += not np.array_equal(evaluate_instances(gt, dets, "bbox", backend="faster-raw").precision, ref_prec)
+        np.testing.assert_array_equal(
+            evaluate_instances(gt, dets, "bbox", backend="faster").precision, ref_prec
+        )
+        raw_differs += not np.array_equal(
+            evaluate_instances(gt, dets, "bbox", backend="faster-raw").precision, ref_prec
+        )
     assert raw_differs > 0

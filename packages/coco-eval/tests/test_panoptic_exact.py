@@ -9,17 +9,23 @@ per-category sums (==, not approx) and the same PQ/SQ/RQ floats, with 1 and 2 wo
 import json
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from coco_eval import pq_compute, pq_single_image
+from coco_eval import panoptic, pq_compute, pq_single_image
 from coco_eval.panoptic import pq_average
 from coco_eval.panoptic_io import id2rgb
 
 OFFSET = 256 * 256 * 256
 VOID = 0
-CATS = {1: {"id": 1, "isthing": 1}, 2: {"id": 2, "isthing": 0}, 3: {"id": 3, "isthing": 1}, 4: {"id": 4, "isthing": 0}}
+CATS = {
+    1: {"id": 1, "isthing": 1},
+    2: {"id": 2, "isthing": 0},
+    3: {"id": 3, "isthing": 1},
+    4: {"id": 4, "isthing": 0},
+}
 
 
 def reference_image(pan_gt, gt_info, pan_pred, pred_info, stat):
@@ -136,9 +142,9 @@ def test_fast_path_equals_reference_bit_for_bit(seed, n):
         assert (res[name]["pq"], res[name]["sq"], res[name]["rq"], res[name]["n"]) == (pq, sq, rq, n_cat)
 
 
-def test_files_with_workers_equal_reference(tmp_path):
+def test_files_with_workers_and_backends_equal_reference(tmp_path, monkeypatch):
     r = np.random.default_rng(7)
-    pairs = [random_pair(r, 40, 56) for _ in range(40)]
+    pairs = [random_pair(r, int(r.integers(20, 50)), int(r.integers(20, 60))) for _ in range(60)]
     for d in ("gt", "pred"):
         (tmp_path / d).mkdir()
     anns = {"gt": [], "pred": []}
@@ -151,9 +157,44 @@ def test_files_with_workers_equal_reference(tmp_path):
         anns["pred"].append({"image_id": i, "file_name": name, "segments_info": pi})
         reference_image(gt, gi, pred, pi, ref)
     for d in ("gt", "pred"):
-        (tmp_path / f"{d}.json").write_text(json.dumps({"annotations": anns[d], "categories": list(CATS.values())}))
+        (tmp_path / f"{d}.json").write_text(
+            json.dumps({"annotations": anns[d], "categories": list(CATS.values())})
+        )
     expected = reference_average(ref, CATS)
+    flat = [v for t in expected.values() for v in t]
+    args = (tmp_path / "gt.json", tmp_path / "gt", tmp_path / "pred.json", tmp_path / "pred")
     for workers in (1, 2):
-        res = pq_compute(tmp_path / "gt.json", tmp_path / "gt", tmp_path / "pred.json", tmp_path / "pred", workers=workers)
-        for name, (pq, sq, rq, n_cat) in expected.items():
-            assert (res[name]["pq"], res[name]["sq"], res[name]["rq"], res[name]["n"]) == (pq, sq, rq, n_cat)
+        res = pq_compute(*args, workers=workers)
+        assert res["backend"] == "coco-eval"
+        assert [res[k][f] for k in expected for f in ("pq", "sq", "rq", "n")] == flat
+    # without the compiled module (PIL + numpy): the same bits
+    monkeypatch.setattr(panoptic, "_speedups", None)
+    res = pq_compute(*args, workers=1)
+    assert [res[k][f] for k in expected for f in ("pq", "sq", "rq", "n")] == flat
+
+
+def test_hotcoco_backend_agrees_to_rounding(tmp_path):
+    # hotcoco adds the per-category IoUs in another order than panopticapi: equal up to the last bits only,
+    # which is why it is not the default
+    pytest.importorskip("hotcoco.panoptic")
+    r = np.random.default_rng(8)
+    for d in ("gt", "pred"):
+        (tmp_path / d).mkdir()
+    anns = {"gt": [], "pred": []}
+    for i in range(20):
+        gt, gi, pred, pi = random_pair(r, 30, 40)
+        Image.fromarray(id2rgb(gt)).save(tmp_path / "gt" / f"{i}.png")
+        Image.fromarray(id2rgb(pred)).save(tmp_path / "pred" / f"{i}.png")
+        anns["gt"].append({"image_id": i, "file_name": f"{i}.png", "segments_info": gi})
+        anns["pred"].append({"image_id": i, "file_name": f"{i}.png", "segments_info": pi})
+    for d in ("gt", "pred"):
+        (tmp_path / f"{d}.json").write_text(
+            json.dumps({"annotations": anns[d], "categories": list(CATS.values())})
+        )
+    args = (tmp_path / "gt.json", tmp_path / "gt", tmp_path / "pred.json", tmp_path / "pred")
+    ours, hot = pq_compute(*args), pq_compute(*args, backend="hotcoco")
+    assert hot["backend"] == "hotcoco"
+    for k in ("All", "Things", "Stuff"):
+        assert hot[k]["n"] == ours[k]["n"]
+        for f in ("pq", "sq", "rq"):
+            assert hot[k][f] == pytest.approx(ours[k][f], rel=1e-12, abs=1e-15)

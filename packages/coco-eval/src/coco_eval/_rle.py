@@ -147,7 +147,10 @@ def _check_compressed_numpy(counts: Sequence[Any], totals: np.ndarray) -> np.nda
     first_tok = np.concatenate([[0], np.cumsum(per_string)[:-1]])
     m = np.arange(x.size) - first_tok[tok_owner]
     value = x.copy()
-    for parity in (0, 1):  # counts[m] = x[m] + counts[m - 2] for m > 2, i.e. running sums per parity from m = 1, 2
+    for parity in (
+        0,
+        1,
+    ):  # counts[m] = x[m] + counts[m - 2] for m > 2, i.e. running sums per parity from m = 1, 2
         sel = np.flatnonzero((m >= 1) & ((m & 1) == parity))
         if sel.size == 0:
             continue
@@ -213,6 +216,10 @@ def polygon_problem(polygons: Any) -> str | None:
         if len(poly) < 6 or len(poly) % 2:
             return f"polygon {j} has {len(poly)} coordinates; a polygon needs an even number, at least 6"
         for v in poly:
-            if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating) or not math.isfinite(v):
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, int | float | np.integer | np.floating)
+                or not math.isfinite(v)
+            ):
                 return f"polygon {j} has a coordinate that is not a finite number: {v!r}"
     return None

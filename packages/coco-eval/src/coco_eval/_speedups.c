@@ -9,6 +9,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <stdlib.h>
+#include <string.h>
 #include <stdint.h>
 
 /* Result codes (negative) for malformed strings; >= 0 is the area. Mirrored in coco_eval/_rle.py. */
@@ -352,11 +354,220 @@ fail:
   return NULL;
 }
 
+/* ---------------------------------------------------------------------------------------------------------
+ * Panoptic: PNG scanlines -> (GT segment, predicted segment) overlap matrix in one pass.
+ * The caller inflates the IDAT stream (Python's zlib); here the PNG filters are undone row by row (PNG spec:
+ * None, Sub, Up, Average, Paeth; 8-bit RGB or RGBA, not interlaced), each pixel's id R + 256 G + 65536 B is
+ * mapped to its segment's index (0 = VOID) through a small hash table, and counts[g * (P + 1) + p] is
+ * incremented. No id image is ever materialised. Written by hand: no installed library decodes a PNG
+ * straight into such counts, and decoding through PIL + numpy costs 3x more than the whole of this.
+ * --------------------------------------------------------------------------------------------------------- */
+
+typedef struct {
+  uint32_t *keys; /* id + 1 (0 = empty slot) */
+  int32_t *vals;
+  uint32_t mask;
+} IdTable;
+
+static int table_init(IdTable *t, const int64_t *ids, Py_ssize_t n) {
+  uint32_t size = 16;
+  while (size < 4 * (uint64_t)n) size <<= 1;
+  t->keys = (uint32_t *)PyMem_Calloc(size, sizeof(uint32_t));
+  t->vals = (int32_t *)PyMem_Calloc(size, sizeof(int32_t));
+  t->mask = size - 1;
+  if (!t->keys || !t->vals) return -1;
+  for (Py_ssize_t i = 0; i < n; i++) {
+    uint32_t key = (uint32_t)ids[i] + 1, h = (key * 2654435761u) & t->mask;
+    while (t->keys[h] && t->keys[h] != key) h = (h + 1) & t->mask;
+    t->keys[h] = key;
+    t->vals[h] = (int32_t)(i + 1);
+  }
+  return 0;
+}
+
+static inline int32_t table_get(const IdTable *t, uint32_t id) {
+  if (id == 0) return 0;
+  uint32_t key = id + 1, h = (key * 2654435761u) & t->mask;
+  while (t->keys[h]) {
+    if (t->keys[h] == key) return t->vals[h];
+    h = (h + 1) & t->mask;
+  }
+  return -1;
+}
+
+static void table_free(IdTable *t) {
+  PyMem_Free(t->keys);
+  PyMem_Free(t->vals);
+}
+
+static inline unsigned char paeth(int a, int b, int c) {
+  int p = a + b - c, pa = abs(p - a), pb = abs(p - b), pc = abs(p - c);
+  return (unsigned char)((pa <= pb && pa <= pc) ? a : (pb <= pc ? b : c));
+}
+
+/* Undo one row's filter in place; prev is the previous unfiltered row (zeros for the first). The left
+ * neighbour is carried in locals (l[]), not re-read from the row: a store-to-load round trip per byte would
+ * otherwise serialise Sub / Average / Paeth. */
+static int unfilter(unsigned char *row, const unsigned char *prev, int type, Py_ssize_t len, int bpp) {
+  Py_ssize_t i;
+  int c, l[4] = {0, 0, 0, 0}, ul[4] = {0, 0, 0, 0};
+  switch (type) {
+    case 0:
+      return 0;
+    case 1:
+      for (i = 0; i < len; i += bpp)
+        for (c = 0; c < bpp; c++) l[c] = row[i + c] = (unsigned char)(row[i + c] + l[c]);
+      return 0;
+    case 2:
+      for (i = 0; i < len; i++) row[i] = (unsigned char)(row[i] + prev[i]);
+      return 0;
+    case 3:
+      for (i = 0; i < len; i += bpp)
+        for (c = 0; c < bpp; c++) l[c] = row[i + c] = (unsigned char)(row[i + c] + ((l[c] + prev[i + c]) >> 1));
+      return 0;
+    case 4:
+      for (i = 0; i < len; i += bpp)
+        for (c = 0; c < bpp; c++) {
+          int up = prev[i + c];
+          l[c] = row[i + c] = (unsigned char)(row[i + c] + paeth(l[c], up, ul[c]));
+          ul[c] = up;
+        }
+      return 0;
+  }
+  return -1;
+}
+
+typedef struct {
+  const unsigned char *raw;
+  int channels;
+  unsigned char *cur, *prev;
+  IdTable table;
+  uint32_t last_id;
+  int32_t last_index;
+  uint32_t unknown[10];
+  int n_unknown;
+} Source;
+
+/* png_overlap(gt_raw, gt_channels, pred_raw, pred_channels, width, height, gt_ids, pred_ids) ->
+ * (counts bytes ((G + 1) * (P + 1) int64), unknown GT ids, unknown predicted ids, error message or None).
+ * gt_ids / pred_ids: sorted int64 buffers of the segment ids of segments_info. */
+static PyObject *png_overlap(PyObject *self, PyObject *args) {
+  Py_buffer braw[2], bids[2];
+  int channels[2];
+  Py_ssize_t width, height;
+  if (!PyArg_ParseTuple(args, "y*iy*inny*y*", &braw[0], &channels[0], &braw[1], &channels[1], &width, &height,
+                        &bids[0], &bids[1]))
+    return NULL;
+  Source src[2];
+  memset(src, 0, sizeof(src));
+  PyObject *counts = NULL, *result = NULL;
+  const char *error = NULL;
+  Py_ssize_t n_ids[2] = {bids[0].len / 8, bids[1].len / 8};
+  Py_ssize_t ncol = n_ids[1] + 1, ncell = (n_ids[0] + 1) * ncol;
+  counts = PyBytes_FromStringAndSize(NULL, ncell * 8);
+  if (!counts) goto done;
+  int64_t *cnt = (int64_t *)PyBytes_AS_STRING(counts);
+  memset(cnt, 0, (size_t)ncell * 8);
+  for (int k = 0; k < 2; k++) {
+    Py_ssize_t stride = width * channels[k];
+    if ((channels[k] != 3 && channels[k] != 4) || braw[k].len != height * (stride + 1)) {
+      PyErr_SetString(PyExc_ValueError, "decompressed PNG data does not match its header");
+      goto done;
+    }
+    src[k].raw = (const unsigned char *)braw[k].buf;
+    src[k].channels = channels[k];
+    src[k].cur = (unsigned char *)PyMem_Malloc((size_t)stride + 1);
+    src[k].prev = (unsigned char *)PyMem_Calloc((size_t)stride + 1, 1);
+    if (!src[k].cur || !src[k].prev || table_init(&src[k].table, (const int64_t *)bids[k].buf, n_ids[k]) < 0) {
+      PyErr_NoMemory();
+      goto done;
+    }
+    src[k].last_id = 0;
+    src[k].last_index = 0;
+  }
+  Py_BEGIN_ALLOW_THREADS
+  for (Py_ssize_t y = 0; y < height && !error; y++) {
+    for (int k = 0; k < 2; k++) {
+      Py_ssize_t stride = width * src[k].channels;
+      const unsigned char *in = src[k].raw + y * (stride + 1);
+      memcpy(src[k].cur, in + 1, (size_t)stride);
+      if (unfilter(src[k].cur, src[k].prev, in[0], stride, src[k].channels) < 0) error = "unknown PNG filter type";
+    }
+    if (error) break;
+    const unsigned char *a = src[0].cur, *b = src[1].cur;
+    int ca = src[0].channels, cb = src[1].channels;
+    src[0].last_id = src[1].last_id = 0xFFFFFFFFu; /* no id: forces a lookup at each row start */
+    /* count runs of one (GT, pred) cell and add each run once: no load-increment-store per pixel */
+    Py_ssize_t cell = -1, run = 0;
+    for (Py_ssize_t x = 0; x < width; x++, a += ca, b += cb) {
+      uint32_t ida = (uint32_t)a[0] | ((uint32_t)a[1] << 8) | ((uint32_t)a[2] << 16);
+      uint32_t idb = (uint32_t)b[0] | ((uint32_t)b[1] << 8) | ((uint32_t)b[2] << 16);
+      if (ida == src[0].last_id && idb == src[1].last_id) {
+        run++;
+        continue;
+      }
+      int32_t idx[2];
+      for (int k = 0; k < 2; k++) {
+        uint32_t id = k ? idb : ida;
+        Source *s = &src[k];
+        if (id == s->last_id) {
+          idx[k] = s->last_index;
+          continue;
+        }
+        int32_t i = table_get(&s->table, id);
+        if (i < 0) {
+          int seen = 0;
+          for (int u = 0; u < s->n_unknown; u++) seen |= s->unknown[u] == id;
+          if (!seen && s->n_unknown < 10) s->unknown[s->n_unknown++] = id;
+          i = 0;
+        }
+        s->last_id = id;
+        s->last_index = i;
+        idx[k] = i;
+      }
+      if (cell >= 0) cnt[cell] += run;
+      cell = (Py_ssize_t)idx[0] * ncol + idx[1];
+      run = 1;
+    }
+    if (cell >= 0) cnt[cell] += run;
+    for (int k = 0; k < 2; k++) {
+      unsigned char *t = src[k].prev;
+      src[k].prev = src[k].cur;
+      src[k].cur = t;
+    }
+  }
+  Py_END_ALLOW_THREADS
+  {
+    PyObject *unk[2];
+    for (int k = 0; k < 2; k++) {
+      unk[k] = PyList_New(src[k].n_unknown);
+      if (!unk[k]) {
+        if (k) Py_DECREF(unk[0]);
+        goto done;
+      }
+      for (int u = 0; u < src[k].n_unknown; u++) PyList_SET_ITEM(unk[k], u, PyLong_FromUnsignedLong(src[k].unknown[u]));
+    }
+    result = Py_BuildValue("(ONNs)", counts, unk[0], unk[1], error);
+  }
+done:
+  for (int k = 0; k < 2; k++) {
+    PyMem_Free(src[k].cur);
+    PyMem_Free(src[k].prev);
+    table_free(&src[k].table);
+    PyBuffer_Release(&braw[k]);
+    PyBuffer_Release(&bids[k]);
+  }
+  Py_XDECREF(counts);
+  return result;
+}
+
 static PyMethodDef methods[] = {
     {"rle_check", rle_check, METH_VARARGS,
      "rle_check(counts, totals) -> list[int]: area of each compressed RLE, or a negative code if malformed."},
     {"rle_area_bbox", rle_area_bbox, METH_VARARGS,
      "rle_area_bbox(counts, sizes, with_bbox=True) -> (N int64 areas or codes < 0, N*4 float64 boxes or zeros)\nas bytes; sizes: N*2 int64."},
+    {"png_overlap", png_overlap, METH_VARARGS,
+     "png_overlap(gt_raw, gt_ch, pred_raw, pred_ch, w, h, gt_ids, pred_ids) -> (counts, unknown gt, unknown pred, error)"},
     {"extract", extract, METH_VARARGS, "extract(records, bbox) -> columns of COCO result records (see source)."},
     {NULL, NULL, 0, NULL},
 };

@@ -39,7 +39,12 @@ def _instances(args: argparse.Namespace) -> dict:
     width = max((len(k) for k in res.per_category), default=8)
     for name, ap in res.per_category.items():
         print(f"  {name:<{width}s} {ap:7.3f}")
-    return {"iou_type": res.iou_type, "backend": res.backend, "stats": res.stats, "per_category": res.per_category}
+    return {
+        "iou_type": res.iou_type,
+        "backend": res.backend,
+        "stats": res.stats,
+        "per_category": res.per_category,
+    }
 
 
 def _panoptic(args: argparse.Namespace) -> dict:

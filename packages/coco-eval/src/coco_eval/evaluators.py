@@ -30,7 +30,9 @@ class COCOInstanceEvaluator:
         backend: see :func:`coco_eval.evaluate_instances`.
     """
 
-    def __init__(self, gt: PathLike | dict | Any, iou_types: Sequence[str] = ("bbox", "segm"), backend: str = "auto"):
+    def __init__(
+        self, gt: PathLike | dict | Any, iou_types: Sequence[str] = ("bbox", "segm"), backend: str = "auto"
+    ):
         for t in iou_types:
             if t not in IOU_TYPES:
                 raise EvaluationError(f"iou_types: unknown type {t!r}, expected some of {IOU_TYPES}")
@@ -59,7 +61,9 @@ class COCOInstanceEvaluator:
             image_id = require(inp, "image_id", "COCOInstanceEvaluator.process input")
             image_id = int(to_numpy(image_id))
             if image_id not in self._image_ids:
-                raise EvaluationError(f"COCOInstanceEvaluator.process: image_id {image_id} is not in the {self._gt_name}")
+                raise EvaluationError(
+                    f"COCOInstanceEvaluator.process: image_id {image_id} is not in the {self._gt_name}"
+                )
             masks = out.get("masks") if "segm" in self.iou_types else None
             self.predictions.extend(
                 instances_to_coco_json(
@@ -109,7 +113,9 @@ class COCOPanopticEvaluator:
         self.gt = gt_json if isinstance(gt_json, dict) else load_json(gt_json, "ground-truth panoptic json")
         self.gt_dir = str(gt_dir)
         self.categories = {c["id"]: c for c in require(self.gt, "categories", "ground-truth panoptic json")}
-        self._by_image = {a["image_id"]: a for a in require(self.gt, "annotations", "ground-truth panoptic json")}
+        self._by_image = {
+            a["image_id"]: a for a in require(self.gt, "annotations", "ground-truth panoptic json")
+        }
         self._by_file = {a["file_name"]: a for a in self.gt["annotations"]}
         self.reset()
 

@@ -93,7 +93,9 @@ def faster_available() -> bool:
         from faster_coco_eval import COCOeval_faster
     except ImportError:
         return False
-    return hasattr(_C, "COCOevalAccumulate") and "separate_eval" in inspect.signature(COCOeval_faster).parameters
+    return (
+        hasattr(_C, "COCOevalAccumulate") and "separate_eval" in inspect.signature(COCOeval_faster).parameters
+    )
 
 
 def _hotcoco_available() -> bool:
@@ -203,8 +205,16 @@ def _gt_segmentation_problem(seg: Any, size: list[int], checks: list) -> str | N
     return _rle.polygon_problem(seg)
 
 
-def _annotation_problem(ann: Any, where: str, iou_type: str, sizes: dict, cat_ids: set, compressed: list,
-                        compressed_owner: list, index: int) -> None:
+def _annotation_problem(
+    ann: Any,
+    where: str,
+    iou_type: str,
+    sizes: dict,
+    cat_ids: set,
+    compressed: list,
+    compressed_owner: list,
+    index: int,
+) -> None:
     """Raise the EvaluationError that names what is wrong with one GT annotation (the slow path); a valid
     annotation that only missed the fast path returns (queueing its compressed RLE, if any)."""
     image_id = require(ann, "image_id", where)
@@ -250,7 +260,9 @@ def _prepared_ground_truth(data: dict, name: str, iou_type: str) -> dict:
         if iou_type == "segm":  # masks are rasterised at the image size
             h, w = require(img, "height", where), require(img, "width", where)
             if not (isinstance(h, int) and isinstance(w, int)) or h < 0 or w < 0:
-                raise EvaluationError(f"{where}: 'height' and 'width' must be non-negative integers, got {h!r}, {w!r}")
+                raise EvaluationError(
+                    f"{where}: 'height' and 'width' must be non-negative integers, got {h!r}, {w!r}"
+                )
             sizes[image_id] = [h, w]
         else:
             sizes[image_id] = []
@@ -282,7 +294,9 @@ def _prepared_ground_truth(data: dict, name: str, iou_type: str) -> dict:
                 if ok:
                     for poly in geom:
                         coords.extend(poly)
-            elif type(geom) is dict and type(geom.get("counts")) is str and geom.get("size") == sizes[image_id]:
+            elif (
+                type(geom) is dict and type(geom.get("counts")) is str and geom.get("size") == sizes[image_id]
+            ):
                 compressed.append(geom["counts"])
                 compressed_owner.append(i)
             else:
@@ -292,14 +306,18 @@ def _prepared_ground_truth(data: dict, name: str, iou_type: str) -> dict:
                                 compressed_owner, i)  # fmt: skip
             crowd = ann.get("iscrowd", 0)
         ann = dict(ann)
-        ann["iscrowd"] = int(crowd)  # pycocotools raises KeyError without it; COCO files omit it for non-crowd
+        ann["iscrowd"] = int(
+            crowd
+        )  # pycocotools raises KeyError without it; COCO files omit it for non-crowd
         ann.pop("ignore", None)  # pycocotools overwrites it with iscrowd; dropped so no backend reads it
         # pycocotools stores the matched GT *id* and tests it for truth, so a GT with id 0 can never be
         # matched (and duplicate ids collide in its index). Ids play no other role in the metric (GT order
         # comes from the file order), so 1-based renumbering keeps every other result bit-identical.
         ann["id"] = i + 1
         anns.append(ann)
-    if coords and not (set(map(type, coords)) <= {float, int} and np.isfinite(np.asarray(coords, np.float64)).all()):
+    if coords and not (
+        set(map(type, coords)) <= {float, int} and np.isfinite(np.asarray(coords, np.float64)).all()
+    ):
         for i, ann in enumerate(data["annotations"]):
             problem = _rle.polygon_problem(ann["segmentation"]) if type(ann["segmentation"]) is list else None
             if problem:
@@ -387,11 +405,17 @@ def _diagnose(records: Sequence[dict], name: str, key: str, images: dict, cat_id
             try:
                 hash(det[field_name])
             except TypeError:
-                raise EvaluationError(f"{where}: {field_name} must be an integer, got {det[field_name]!r}") from None
+                raise EvaluationError(
+                    f"{where}: {field_name} must be an integer, got {det[field_name]!r}"
+                ) from None
         if det["image_id"] not in images:
-            raise EvaluationError(f"{where}: image_id {det['image_id']!r} is not an image of the ground truth")
+            raise EvaluationError(
+                f"{where}: image_id {det['image_id']!r} is not an image of the ground truth"
+            )
         if det["category_id"] not in cat_ids:
-            raise EvaluationError(f"{where}: category_id {det['category_id']!r} is not a ground-truth category")
+            raise EvaluationError(
+                f"{where}: category_id {det['category_id']!r} is not a ground-truth category"
+            )
         _check_number(det["score"], where, "score")
         if key == "bbox":
             problem = _box_problem(det["bbox"])
@@ -434,7 +458,9 @@ def _mask_to_rle(seg: Any, size: list[int], where: str) -> dict:
     return {"size": [h, w], "counts": rle["counts"].decode("ascii")}
 
 
-def prepare_detections(records: Sequence[dict], gt: dict, iou_type: str, name: str = "detections") -> Detections:
+def prepare_detections(
+    records: Sequence[dict], gt: dict, iou_type: str, name: str = "detections"
+) -> Detections:
     """Validate COCO result records against the ground truth and return them as :class:`Detections`.
 
     Fast path: one list comprehension per field and numpy checks; a failure re-scans record by record to
@@ -526,13 +552,17 @@ def _prepare_detections_c(records: Sequence[dict], gt: dict, iou_type: str) -> D
     if iou_type == "bbox":
         return Detections(image_ids, category_ids, scores, boxes=np.frombuffer(geo, np.float64).reshape(n, 4))
     img_index = order[pos]  # each detection's row in gt["images"]
-    hw = np.asarray([[img["height"], img["width"]] for img in gt["images"]], np.int64).reshape(-1, 2)[img_index]
+    hw = np.asarray([[img["height"], img["width"]] for img in gt["images"]], np.int64).reshape(-1, 2)[
+        img_index
+    ]
     if not np.array_equal(np.frombuffer(size_b, np.int64).reshape(n, 2), hw):
         return None  # a size mismatch: the Python path names it
     codes, mask_boxes = _rle.area_and_bbox(counts, hw, with_bbox=False)
     if (codes < 0).any():
         return None
-    return Detections(image_ids, category_ids, scores, rles=geo, areas=codes.astype(np.float64), mask_boxes=mask_boxes)
+    return Detections(
+        image_ids, category_ids, scores, rles=geo, areas=codes.astype(np.float64), mask_boxes=mask_boxes
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -559,7 +589,9 @@ def summarize(precision: np.ndarray, recall: np.ndarray, max_dets: Sequence[int]
         mean_s = -1 if len(s[s > -1]) == 0 else np.mean(s[s > -1])
         title, kind = ("Average Precision", "(AP)") if ap == 1 else ("Average Recall", "(AR)")
         iou_str = f"{IOU_THRS[0]:0.2f}:{IOU_THRS[-1]:0.2f}" if iou_thr is None else f"{iou_thr:0.2f}"
-        lines.append(f" {title:<18} {kind} @[ IoU={iou_str:<9} | area={area:>6s} | maxDets={md:>3d} ] = {mean_s:0.3f}")
+        lines.append(
+            f" {title:<18} {kind} @[ IoU={iou_str:<9} | area={area:>6s} | maxDets={md:>3d} ] = {mean_s:0.3f}"
+        )
         return mean_s
 
     m0, m1, m2 = max_dets[0], max_dets[1], max_dets[2]
@@ -790,7 +822,9 @@ def _check_max_dets(max_dets: Any) -> list[int]:
     except (TypeError, ValueError):
         ok = False
     if not ok or len(values) < 3 or any(m < 1 for m in values) or values != sorted(set(values)):
-        raise EvaluationError(f"max_dets must be >= 3 increasing positive integers (e.g. (1, 10, 100)), got {max_dets!r}")
+        raise EvaluationError(
+            f"max_dets must be >= 3 increasing positive integers (e.g. (1, 10, 100)), got {max_dets!r}"
+        )
     return values
 
 
@@ -908,7 +942,12 @@ def instances_to_coco_json(
         rles = encode_masks(m.astype(bool))
     out = []
     for k in range(len(b)):
-        rec = {"image_id": int(image_id), "category_id": int(c[k]), "bbox": xywh[k].tolist(), "score": float(s[k])}
+        rec = {
+            "image_id": int(image_id),
+            "category_id": int(c[k]),
+            "bbox": xywh[k].tolist(),
+            "score": float(s[k]),
+        }
         if rles is not None:
             rec["segmentation"] = rles[k]
         out.append(rec)

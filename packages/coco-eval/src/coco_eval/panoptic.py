@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import struct
+import zlib
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +28,13 @@ from typing import Any
 import numpy as np
 
 from coco_eval._io import PathLike, describe, load_json, require
-from coco_eval.panoptic_io import read_panoptic_png
 from coco_eval.errors import EvaluationError
+
+try:
+    from coco_eval import _speedups
+except ImportError:  # built without a compiler: PNGs are read through PIL
+    _speedups = None
+from coco_eval.panoptic_io import read_panoptic_png
 
 OFFSET = 256 * 256 * 256  # ids fit in 24 bits (RGB), so gt * OFFSET + pred is a unique pair key
 VOID = 0
@@ -49,25 +56,6 @@ def _segments_by_id(segments_info: Any, where: str) -> dict[int, dict]:
             raise EvaluationError(f"{where}: segment id 0 is reserved for VOID")
         out[int(sid)] = seg
     return out
-
-
-def _segment_index(ids: np.ndarray, seg_ids: np.ndarray, where: str) -> np.ndarray:
-    """Each pixel's position in ``[VOID, *seg_ids]`` (0 for VOID): (H*W,) intp.
-
-    Raises EvaluationError naming the ids that are in the PNG but not in ``segments_info``.
-    """
-    lookup = np.concatenate([[VOID], seg_ids]).astype(ids.dtype)  # seg_ids sorted, > 0
-    if lookup.size <= 1:
-        idx = np.zeros(ids.shape, np.intp)
-        bad = ids != VOID
-    else:
-        idx = np.searchsorted(lookup, ids)
-        np.minimum(idx, lookup.size - 1, out=idx)
-        bad = lookup[idx] != ids
-    if bad.any():
-        missing = np.unique(ids[bad])[:10].tolist()
-        raise EvaluationError(f"{where}: segment ids {missing} are in the PNG but not in segments_info")
-    return idx
 
 
 @dataclass
@@ -124,26 +112,70 @@ def pq_image(
     gt_ids = np.asarray(gt_ids)
     pred_ids = np.asarray(pred_ids)
     if gt_ids.shape != pred_ids.shape:
-        raise EvaluationError(f"{where}: prediction size {pred_ids.shape} differs from ground truth {gt_ids.shape}")
+        raise EvaluationError(
+            f"{where}: prediction size {pred_ids.shape} differs from ground truth {gt_ids.shape}"
+        )
     for name, ids in (("ground truth", gt_ids), ("prediction", pred_ids)):
         if ids.dtype.kind not in "iu":
             raise EvaluationError(f"{where}: {name} segment ids must be integers, got dtype {ids.dtype}")
         if ids.dtype.kind == "i" or ids.dtype.itemsize > 4:
             if ids.size and (ids.min() < 0 or ids.max() >= OFFSET):
                 raise EvaluationError(f"{where}: {name} segment ids must lie in [0, 2^24)")
+    gt_segms, pred_segms = _checked_segments(gt_segments, pred_segments, categories, where)
+    g_ids = np.array(sorted(gt_segms), np.int64)
+    p_ids = np.array(sorted(pred_segms), np.int64)
+    # one sort-based pass over combined keys gives every (gt id, pred id) overlap (numpy's unique is the
+    # fastest counter here); the few hundred pairs are then mapped to segment indices
+    joint = gt_ids.astype(np.uint64).ravel() * np.uint64(OFFSET) + pred_ids.astype(np.uint64).ravel()
+    keys, cnt = np.unique(joint, return_counts=True)
+    pair_g = (keys // np.uint64(OFFSET)).astype(np.int64)
+    pair_p = (keys % np.uint64(OFFSET)).astype(np.int64)
+    gi = _index_of(pair_g, g_ids, f"{where} (ground truth)")
+    pi = _index_of(pair_p, p_ids, f"{where} (prediction)")
+    overlap = np.zeros((g_ids.size + 1, p_ids.size + 1), np.int64)
+    overlap[gi, pi] = cnt  # (gi, pi) pairs are unique
+    return _score_overlap(overlap, g_ids, p_ids, gt_segms, pred_segms, gt_segments, where)
+
+
+def _checked_segments(
+    gt_segments: Any, pred_segments: Any, categories: Mapping, where: str
+) -> tuple[dict, dict]:
     gt_segms = _segments_by_id(gt_segments, f"{where} (ground truth)")
     pred_segms = _segments_by_id(pred_segments, f"{where} (prediction)")
     for label, segms in (("ground truth", gt_segms), ("prediction", pred_segms)):
         for seg in segms.values():
             if seg["category_id"] not in categories:
-                raise EvaluationError(f"{where} ({label}): segment {seg['id']} has unknown category_id {seg['category_id']}")
+                raise EvaluationError(
+                    f"{where} ({label}): segment {seg['id']} has unknown category_id {seg['category_id']}"
+                )
+    return gt_segms, pred_segms
 
-    g_ids = np.array(sorted(gt_segms), np.int64)
-    p_ids = np.array(sorted(pred_segms), np.int64)
-    gi = _segment_index(gt_ids.ravel(), g_ids, f"{where} (ground truth)")
-    pi = _segment_index(pred_ids.ravel(), p_ids, f"{where} (prediction)")
+
+def _index_of(ids: np.ndarray, seg_ids: np.ndarray, where: str) -> np.ndarray:
+    """Position of each id in ``[VOID, *seg_ids]`` (seg_ids sorted); EvaluationError for ids not listed."""
+    lookup = np.concatenate([[VOID], seg_ids])
+    idx = np.minimum(np.searchsorted(lookup, ids), lookup.size - 1)
+    bad = lookup[idx] != ids
+    if bad.any():
+        _unknown_ids(np.unique(ids[bad]).tolist(), where)
+    return idx
+
+
+def _unknown_ids(ids: list, where: str) -> None:
+    raise EvaluationError(f"{where}: segment ids {sorted(ids)[:10]} are in the PNG but not in segments_info")
+
+
+def _score_overlap(
+    overlap: np.ndarray,
+    g_ids: np.ndarray,
+    p_ids: np.ndarray,
+    gt_segms: dict,
+    pred_segms: dict,
+    gt_segments: Sequence[dict],
+    where: str,
+) -> ImageStats:
+    """panopticapi's matching and counting on the (G + 1, P + 1) overlap matrix (row / column 0 = VOID)."""
     n_g, n_p = g_ids.size, p_ids.size
-    overlap = np.bincount(gi * (n_p + 1) + pi, minlength=(n_g + 1) * (n_p + 1)).reshape(n_g + 1, n_p + 1)
     gt_png_area = overlap[1:].sum(axis=1)
     pred_area = overlap[:, 1:].sum(axis=0)
     for label, ids_, area in (("prediction", p_ids, pred_area), ("ground truth", g_ids, gt_png_area)):
@@ -264,23 +296,100 @@ def pq_average(stats: CategoryStats, categories: Mapping[int, dict]) -> dict:
             pq += pq_c
             sq += sq_c
             rq += rq_c
-        results[name] = {"pq": pq / n if n else 0.0, "sq": sq / n if n else 0.0, "rq": rq / n if n else 0.0, "n": n}
+        results[name] = {
+            "pq": pq / n if n else 0.0,
+            "sq": sq / n if n else 0.0,
+            "rq": rq / n if n else 0.0,
+            "n": n,
+        }
         if name == "All":
             results["per_class"] = per_class
     return results
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_scanlines(path: str) -> tuple[bytes, int, int, int] | None:
+    """(inflated scanlines, width, height, channels) of an 8-bit RGB / RGBA non-interlaced PNG, else None
+    (anything unusual or broken goes through PIL, which reads or names it)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    if data[:8] != _PNG_SIGNATURE:
+        return None
+    pos, idat, header = 8, [], None
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        body = data[pos + 8 : pos + 8 + length]
+        if kind == b"IHDR" and length == 13:
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    if header is None:
+        return None
+    width, height, depth, color, compression, filtering, interlace = header
+    if depth != 8 or color not in (2, 6) or compression or filtering or interlace:
+        return None
+    channels = 3 if color == 2 else 4
+    try:  # the exact output size up front: no buffer regrowth
+        raw = zlib.decompress(b"".join(idat), bufsize=height * (width * channels + 1))
+    except zlib.error:
+        return None
+    return raw, width, height, channels
+
+
 def _evaluate_pair(args: tuple) -> ImageStats:
     gt_ann, pred_ann, gt_dir, pred_dir, categories = args
     where = f"image {gt_ann['image_id']}"
-    gt = read_panoptic_png(os.path.join(gt_dir, gt_ann["file_name"]))
+    gt_path = os.path.join(gt_dir, gt_ann["file_name"])
     pred_path = os.path.join(pred_dir, pred_ann["file_name"])
+    if _speedups is not None:
+        stats = _evaluate_pair_compiled(gt_path, gt_ann, pred_path, pred_ann, categories, where)
+        if stats is not None:
+            return stats
+    gt = read_panoptic_png(gt_path)
     pred = read_panoptic_png(pred_path)
     if gt.shape != pred.shape:
         raise EvaluationError(f"{where}: predicted PNG {pred_path!r} has size {pred.shape[::-1]} (W, H) but the "
                               f"ground truth has {gt.shape[::-1]}")  # fmt: skip
     return pq_image(gt, gt_ann["segments_info"], pred, pred_ann["segments_info"], categories,
                     f"{where} ({pred_ann['file_name']})")  # fmt: skip
+
+
+def _evaluate_pair_compiled(
+    gt_path: str, gt_ann: dict, pred_path: str, pred_ann: dict, categories: Mapping, where: str
+) -> ImageStats | None:
+    """The PNG pair decoded straight into the overlap matrix (coco_eval._speedups); None when a PNG is not
+    plain 8-bit RGB(A) or the sizes differ (the PIL path then reads it or names the problem)."""
+    gt_png, pred_png = _png_scanlines(gt_path), _png_scanlines(pred_path)
+    if gt_png is None or pred_png is None or gt_png[1:3] != pred_png[1:3]:
+        return None
+    where = f"{where} ({pred_ann['file_name']})"
+    gt_segms, pred_segms = _checked_segments(
+        gt_ann["segments_info"], pred_ann["segments_info"], categories, where
+    )
+    g_ids = np.array(sorted(gt_segms), np.int64)
+    p_ids = np.array(sorted(pred_segms), np.int64)
+    try:
+        counts, unknown_g, unknown_p, error = _speedups.png_overlap(
+            gt_png[0], gt_png[3], pred_png[0], pred_png[3], gt_png[1], gt_png[2], g_ids, p_ids
+        )
+    except ValueError:
+        return None
+    if error is not None:
+        return None
+    if unknown_g:
+        _unknown_ids(unknown_g, f"{where} (ground truth)")
+    if unknown_p:
+        _unknown_ids(unknown_p, f"{where} (prediction)")
+    overlap = np.frombuffer(counts, np.int64).reshape(g_ids.size + 1, p_ids.size + 1)
+    return _score_overlap(overlap, g_ids, p_ids, gt_segms, pred_segms, gt_ann["segments_info"], where)
 
 
 _CONTEXT: tuple | None = None  # (gt_dir, pred_dir, categories) inherited by forked workers
@@ -303,16 +412,24 @@ def check_workers(workers: Any, what: str = "workers") -> int:
     return int(workers)
 
 
-def map_images(fn: Any, items: Sequence, workers: int, progress: bool = False, desc: str = "images",
-               context: tuple | None = None) -> list:
-    """``[fn(chunk) for chunk in chunks(items)]`` flattened, in order, over ``workers`` processes.
+def map_images(
+    fn: Any,
+    items: Sequence,
+    workers: int,
+    progress: bool = False,
+    desc: str = "images",
+    context: tuple | None = None,
+    threads: bool = False,
+) -> list:
+    """``[fn(chunk) for chunk in chunks(items)]`` flattened, in order, over ``workers`` threads or processes.
 
-    ``fn`` takes a list of items and returns a list of results. Chunks of 16 items keep the progress bar
-    moving and the workers busy. ``context`` is made available to forked workers (and the serial path) as
-    the module global ``_CONTEXT``.
+    ``fn`` takes a list of items and returns a list of results. Chunks of 8 items keep the progress bar
+    moving and the workers busy. ``context`` is available to ``fn`` (in forked processes too) as the module
+    global ``_CONTEXT``. ``threads``: for work that releases the GIL (the compiled PNG path: zlib and
+    ``_speedups.png_overlap`` both do), threads avoid the process start-up and the pickling of results.
     """
     global _CONTEXT
-    chunk = 16
+    chunk = 8
     chunks = [list(items[i : i + chunk]) for i in range(0, len(items), chunk)]
     bar = _progress(len(items), desc) if progress else None
     out: list = []
@@ -324,8 +441,14 @@ def map_images(fn: Any, items: Sequence, workers: int, progress: bool = False, d
                 if bar is not None:
                     bar.update(len(c))
             return out
-        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-        with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=ctx) as pool:
+        if threads:
+            pool: Any = ThreadPoolExecutor(max_workers=min(workers, len(chunks)))
+        else:
+            ctx = multiprocessing.get_context(
+                "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+            )
+            pool = ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=ctx)
+        with pool:
             for c, res in zip(chunks, pool.map(fn, chunks)):
                 out.extend(res)
                 if bar is not None:
@@ -363,6 +486,7 @@ def pq_compute(
     pred_dir: PathLike,
     workers: int = 1,
     progress: bool = False,
+    backend: str = "auto",
 ) -> dict:
     """Panoptic quality of a prediction folder against COCO panoptic ground truth.
 
@@ -376,9 +500,17 @@ def pq_compute(
         workers: processes reading and scoring images (>= 1; 0 = one per CPU). Images are accumulated in
             json order whatever the count, so the result does not depend on it (it equals panopticapi's
             ``pq_compute`` run in one process, bit for bit).
-        progress: show a tqdm progress bar (when tqdm is installed).
+        progress: show a tqdm progress bar (when tqdm is installed; not with the hotcoco backend).
+        backend: "auto" / "coco-eval" (this package: compiled PNG decoding into the overlap matrix when
+            ``coco_eval._speedups`` is built, PIL + numpy otherwise; panopticapi's numbers bit for bit) or
+            "hotcoco" (hotcoco's Rust PQ, multi-threaded through ``RAYON_NUM_THREADS``, ``workers`` does not
+            apply). hotcoco adds the per-category IoUs in another order, so its PQ can differ from
+            panopticapi's in the last bits, and it ignores GT PNG ids missing from ``segments_info`` (as
+            panopticapi does; "coco-eval" raises). When hotcoco rejects an input, the "coco-eval" path runs
+            and names the file and the problem.
     Returns:
-        ``{"All": {"pq", "sq", "rq", "n"}, "Things": ..., "Stuff": ..., "per_class": {cat id: {...}}}`` (fractions).
+        ``{"All": {"pq", "sq", "rq", "n"}, "Things": ..., "Stuff": ..., "per_class": {cat id: {...}},
+        "backend": the backend that ran}`` (fractions).
     """
     workers = check_workers(workers)
     gt, gt_name = _load_panoptic_json(gt_json, "ground-truth panoptic json")
@@ -412,14 +544,72 @@ def pq_compute(
         pairs.append((ann, pred_by_image[image_id]))
     unknown = [i for i in pred_by_image if i not in gt_images]
     if unknown:
-        raise EvaluationError(f"{pred_name}: predictions for image ids {unknown[:5]} that are not in the ground truth")
+        raise EvaluationError(
+            f"{pred_name}: predictions for image ids {unknown[:5]} that are not in the ground truth"
+        )
 
+    for ann, pred_ann in pairs:  # json-level checks for every backend (cheap: no PNG is read)
+        _checked_segments(require(ann, "segments_info", gt_name), pred_ann["segments_info"], categories,
+                          f"image {ann['image_id']} ({pred_ann['file_name']})")  # fmt: skip
+    chosen = resolve_pq_backend(backend)
+    if chosen == "hotcoco":
+        stats = _hotcoco_stats(gt, pairs, str(gt_dir), str(pred_dir), categories)
+        if stats is not None:
+            return dict(pq_average(stats, categories), backend="hotcoco")
+        chosen = "coco-eval"  # hotcoco rejected the input: this package's path names the file and the problem
     per_image = map_images(_evaluate_chunk, pairs, workers, progress, "panoptic",
-                           (str(gt_dir), str(pred_dir), categories))  # fmt: skip
+                           (str(gt_dir), str(pred_dir), categories), threads=_speedups is not None)  # fmt: skip
     stats: CategoryStats = {}
     for image in per_image:
         image.add_to(stats)
-    return pq_average(stats, categories)
+    return dict(pq_average(stats, categories), backend=chosen)
+
+
+PQ_BACKENDS = ("auto", "coco-eval", "hotcoco")
+
+
+def resolve_pq_backend(backend: str) -> str:
+    """Map "auto" to "coco-eval" (the exact one); validate explicit names."""
+    if backend not in PQ_BACKENDS:
+        raise EvaluationError(f"backend must be one of {PQ_BACKENDS}, got {backend!r}")
+    if backend in ("auto", "coco-eval"):
+        return "coco-eval"
+    try:
+        import hotcoco.panoptic  # noqa: F401
+    except ImportError:
+        raise EvaluationError("backend='hotcoco' is not installed: pip install hotcoco") from None
+    return "hotcoco"
+
+
+def _hotcoco_stats(
+    gt: dict, pairs: list, gt_dir: str, pred_dir: str, categories: Mapping
+) -> CategoryStats | None:
+    """Per-category [sum IoU, TP, FP, FN] from hotcoco's PanopticEval; None when hotcoco rejects the input
+    (the caller then runs this package's path, whose errors name the file and the problem)."""
+    import contextlib
+    import io
+
+    import hotcoco.panoptic
+
+    gt_data = {"images": gt.get("images") or [{"id": a["image_id"], "file_name": a["file_name"]} for a, _ in pairs],
+               "categories": list(categories.values()), "annotations": [a for a, _ in pairs]}  # fmt: skip
+    pred_data = {
+        "images": gt_data["images"],
+        "categories": gt_data["categories"],
+        "annotations": [p for _, p in pairs],
+    }
+    try:
+        ev = hotcoco.panoptic.PanopticEval(gt_data, pred_data, gt_folder=gt_dir, pred_folder=pred_dir)
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev.evaluate()
+        per_class = ev.results()["per_class"]
+    except (ValueError, OSError, KeyError, TypeError):
+        return None
+    stats: CategoryStats = {}
+    for cat, r in per_class.items():
+        if r["tp"] or r["fp"] or r["fn"]:
+            stats[int(cat)] = [float(r["iou"]), int(r["tp"]), int(r["fp"]), int(r["fn"])]
+    return stats
 
 
 def format_pq_table(results: dict) -> str:
@@ -427,5 +617,7 @@ def format_pq_table(results: dict) -> str:
     lines = [f"{'':10s}| {'PQ':>5s}  {'SQ':>5s}  {'RQ':>5s} {'N':>5s}", "-" * 38]
     for name in ("All", "Things", "Stuff"):
         r = results[name]
-        lines.append(f"{name:10s}| {100 * r['pq']:5.1f}  {100 * r['sq']:5.1f}  {100 * r['rq']:5.1f} {r['n']:5d}")
+        lines.append(
+            f"{name:10s}| {100 * r['pq']:5.1f}  {100 * r['sq']:5.1f}  {100 * r['rq']:5.1f} {r['n']:5d}"
+        )
     return "\n".join(lines)

@@ -50,7 +50,9 @@ def rgb2id(color: np.ndarray) -> np.ndarray:
         c = color.astype(np.uint32)
         return c[..., 0] + 256 * c[..., 1] + 256 * 256 * c[..., 2]
     if color.ndim != 2 or color.dtype.kind not in "iu":
-        raise EvaluationError(f"rgb2id: expected (H, W, 3) RGB or (H, W) integer ids, got {color.dtype} {color.shape}")
+        raise EvaluationError(
+            f"rgb2id: expected (H, W, 3) RGB or (H, W) integer ids, got {color.dtype} {color.shape}"
+        )
     return color.astype(np.uint32)
 
 

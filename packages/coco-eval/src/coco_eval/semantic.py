@@ -44,11 +44,15 @@ def confusion_matrix(pred: Any, gt: Any, num_classes: int, ignore_label: int = 2
     gt, pred = gt[keep], pred[keep]
     if gt.size and (gt.min() < 0 or gt.max() >= num_classes):
         bad = np.unique(gt[(gt < 0) | (gt >= num_classes)])[:10].tolist()
-        raise EvaluationError(f"ground-truth labels {bad} are outside [0, {num_classes}) and not ignore_label={ignore_label}")
+        raise EvaluationError(
+            f"ground-truth labels {bad} are outside [0, {num_classes}) and not ignore_label={ignore_label}"
+        )
     if pred.size and (pred.min() < 0 or pred.max() >= num_classes):
         bad = np.unique(pred[(pred < 0) | (pred >= num_classes)])[:10].tolist()
         raise EvaluationError(f"predicted labels {bad} are outside [0, {num_classes})")
-    return np.bincount(gt * num_classes + pred, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    return np.bincount(gt * num_classes + pred, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
 
 
 def semantic_metrics(
@@ -139,7 +143,9 @@ class SemSegEvaluator:
             pred = to_numpy(out["sem_seg"])
             if pred.ndim == 3:
                 if pred.shape[0] != self.num_classes:
-                    raise EvaluationError(f"score map has {pred.shape[0]} channels for {self.num_classes} classes")
+                    raise EvaluationError(
+                        f"score map has {pred.shape[0]} channels for {self.num_classes} classes"
+                    )
                 pred = pred.argmax(axis=0)
             self.confusion += confusion_matrix(pred, inp["sem_seg"], self.num_classes, self.ignore_label)
 
@@ -149,4 +155,6 @@ class SemSegEvaluator:
         if parts is None:
             return {}
         total = np.sum(parts, axis=0)
-        return {f"sem_seg/{k}": v for k, v in semantic_metrics(total, self.class_names, self.iou_needs_gt).items()}
+        return {
+            f"sem_seg/{k}": v for k, v in semantic_metrics(total, self.class_names, self.iou_needs_gt).items()
+        }
