@@ -226,6 +226,11 @@ INSTANCE_CANDIDATES: dict[str, tuple[Callable, str]] = {
 def _version(module: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
+    if module == "coco_eval":  # the source tree on PYTHONPATH, not what pip recorded
+        import coco_eval
+
+        return coco_eval.__version__
+
     dist = {"faster_coco_eval": "faster-coco-eval", "ultrafast_pycocotools": "ultrafast-pycocotools",
             "coco_eval": "coco-eval"}.get(module, module)  # fmt: skip
     try:

@@ -245,6 +245,11 @@ def _annotation_problem(
         raise EvaluationError(f"{where} (id {ann.get('id')!r}, image_id {image_id!r}): {problem}")
 
 
+def prepare_ground_truth(data: dict, name: str, iou_type: str) -> dict:
+    """Validated shallow copy of a COCO GT dict (see :func:`_prepared_ground_truth`)."""
+    return _prepared_ground_truth(data, name, iou_type)
+
+
 def _prepared_ground_truth(data: dict, name: str, iou_type: str) -> dict:
     """Validated shallow copy of a COCO GT dict (backends mutate annotation dicts in place)."""
     sizes: dict[Any, list[int]] = {}
@@ -661,11 +666,14 @@ def _run_hotcoco(gt: dict, dets: Detections, iou_type: str, p: _Params):
         arr[:, 5] = dets.scores
         arr[:, 6] = dets.category_ids
         coco_dt = coco_gt.load_res(arr)
-    elif dets.mask_boxes is not None and len(dets):
-        # the array form again, with the mask's box (what loadRes derives) and then the mask's area
-        arr = np.empty((len(dets), 7), np.float64)
+    elif dets.areas is not None and len(dets):
+        # the array form again, then the mask areas (load_res would take w * h of the array's box). hotcoco's
+        # segm matching reads only the masks; the box columns carry pycocotools' toBbox when it was computed
+        # and zeros otherwise (the property tests cover both).
+        arr = np.zeros((len(dets), 7), np.float64)
         arr[:, 0] = dets.image_ids
-        arr[:, 1:5] = dets.mask_boxes
+        if dets.mask_boxes is not None:
+            arr[:, 1:5] = dets.mask_boxes
         arr[:, 5] = dets.scores
         arr[:, 6] = dets.category_ids
         coco_dt = coco_gt.load_res(arr, segmentation=dets.rles)
@@ -862,11 +870,31 @@ def evaluate_instances(
     if iou_type not in IOU_TYPES:
         raise EvaluationError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
     max_dets = _check_max_dets(max_dets)
-    chosen = resolve_backend(backend)
+    resolve_backend(backend)  # a bad name fails before any file is read
     data, name = load_ground_truth(gt)
     data = _prepared_ground_truth(data, name, iou_type)
     records, det_name = _load_records(detections)
     dets = prepare_detections(records, data, iou_type, det_name)
+    return evaluate_prepared(
+        data, name, dets, iou_type, backend, img_ids, max_dets=max_dets, use_cats=use_cats
+    )
+
+
+def evaluate_prepared(
+    data: dict,
+    name: str,
+    dets: Detections,
+    iou_type: str,
+    backend: str = "auto",
+    img_ids: Iterable[int] | None = None,
+    *,
+    max_dets: Sequence[int] = DEFAULT_MAX_DETS,
+    use_cats: bool = True,
+) -> InstanceResult:
+    """:func:`evaluate_instances` on already validated inputs: ``data`` from ``prepare_ground_truth``,
+    ``dets`` from :func:`prepare_detections` or built by a streaming evaluator from its own checked columns."""
+    max_dets = _check_max_dets(max_dets)
+    chosen = resolve_backend(backend)
     if img_ids is not None:
         known = {img["id"] for img in data["images"]}
         img_ids = sorted({int(i) for i in img_ids})
