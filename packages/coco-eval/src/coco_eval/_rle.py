@@ -160,7 +160,6 @@ def _check_compressed_numpy(counts: Sequence[Any], totals: np.ndarray) -> np.nda
         group_start = np.concatenate([[True], own[1:] != own[:-1]])
         base_idx = np.maximum.accumulate(np.where(group_start, np.arange(sel.size), 0))
         value[sel] = cs - cs[base_idx] + xs[base_idx]
-    bad[tok_owner[value < 0]] = True
     negative = np.zeros(n, bool)
     negative[tok_owner[value < 0]] = True
     total = np.bincount(tok_owner, weights=value.astype(np.float64), minlength=n)
@@ -168,7 +167,7 @@ def _check_compressed_numpy(counts: Sequence[Any], totals: np.ndarray) -> np.nda
     res = area.astype(np.int64)
     res[total != totals] = BAD_TOTAL
     res[negative] = NEGATIVE
-    res[bad & ~negative] = BAD_CHAR
+    res[bad] = BAD_CHAR  # a malformed string's decoded runs mean nothing: name the string itself
     res[out == BAD_TYPE] = BAD_TYPE
     return res
 
