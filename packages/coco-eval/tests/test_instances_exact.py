@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from coco_eval_testlib import detections_for, instance_sets, pycocotools_eval
 from hypothesis import HealthCheck, given, settings
+from pycocotools import mask as mask_util
 
 from coco_eval import evaluate_instances
 from coco_eval.instances import available_backends
@@ -61,3 +62,39 @@ def test_hundred_detection_cap_per_image(backend):
     _assert_same(res, ref_stats, ref_eval)
     capped = evaluate_instances(gt, dets, "bbox", backend=backend, max_dets=(1, 10, 130))
     assert not np.array_equal(capped.recall, res.recall)  # the 30 lowest-scored detections matter uncapped
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_real_coco_sample_every_backend(sample_dir, iou_type):
+    # the real annotations (RLE masks, crowd regions, ids from 0) with detections derived from them: shifted
+    # masks and boxes, wrong classes, duplicates and score ties; every backend against plain pycocotools
+    import json
+
+    gt = json.loads((sample_dir / "panoptic_coco_detection_format.json").read_text())
+    for i, ann in enumerate(gt["annotations"]):
+        ann["id"] = i + 1  # plain pycocotools cannot match a GT whose id is 0 (this file starts at 0)
+    r = np.random.default_rng(0)
+    cats = [c["id"] for c in gt["categories"]]
+    dets = []
+    for ann in gt["annotations"]:
+        h, w = ann["segmentation"]["size"]
+        m = mask_util.decode(ann["segmentation"])
+        for k in range(3):
+            shifted = np.roll(m, (int(r.integers(-6, 7)), int(r.integers(-6, 7))), axis=(0, 1)) if k else m
+            rle = mask_util.encode(np.asfortranarray(shifted))
+            rle["counts"] = rle["counts"].decode("ascii")
+            x, y, bw, bh = ann["bbox"]
+            box = [
+                x + float(r.uniform(-5, 5)),
+                y + float(r.uniform(-5, 5)),
+                bw * float(r.uniform(0.8, 1.2)),
+                bh,
+            ]
+            cat = ann["category_id"] if r.random() < 0.8 else int(r.choice(cats))
+            dets.append({"image_id": ann["image_id"], "category_id": cat, "bbox": box, "segmentation": rle,
+                         "score": float(np.round(r.random(), 1))})  # fmt: skip
+    records = detections_for(dets, iou_type)
+    ref_stats, ref_eval = pycocotools_eval(gt, records, iou_type)
+    assert 0 < ref_stats[0] < 1
+    for backend in EXACT:
+        _assert_same(evaluate_instances(gt, records, iou_type, backend=backend), ref_stats, ref_eval)
