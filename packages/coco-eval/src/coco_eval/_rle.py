@@ -21,7 +21,7 @@ import numpy as np
 try:
     from coco_eval import _speedups
 except ImportError:  # no compiler at install time: the numpy path below gives the same answers
-    _speedups = None
+    _speedups = None  # type: ignore[assignment]
 
 # negative result codes of rle_check (the same numbers as in _speedups.c)
 BAD_TYPE, BAD_CHAR, NEGATIVE, BAD_TOTAL = -1, -2, -3, -4

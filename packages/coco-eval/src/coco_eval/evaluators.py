@@ -179,7 +179,7 @@ class COCOInstanceEvaluator:
         if iou_type == "bbox":
             boxes = np.concatenate([p[1] for p in parts]).reshape(n, 4) if parts else np.zeros((0, 4))
             return Detections(image_ids, cats, scores, boxes=boxes)
-        rles = []
+        rles: list[dict] = []
         for p in parts:
             img = self._images[p[0]]
             size = [img["height"], img["width"]]

@@ -375,11 +375,12 @@ class Detections:
         """COCO result dicts holding only what ``iou_type`` uses (the box alone, or the mask alone)."""
         image_ids, cat_ids = _as_list(self.image_ids), _as_list(self.category_ids)
         if iou_type == "bbox":
+            assert self.boxes is not None, "bbox records need boxes"
             boxes = self.boxes.tolist()
             return [{"image_id": i, "category_id": c, "score": s, "bbox": b}
                     for i, c, s, b in zip(image_ids, cat_ids, self.scores.tolist(), boxes)]  # fmt: skip
         return [{"image_id": i, "category_id": c, "score": s, "segmentation": r}
-                for i, c, s, r in zip(image_ids, cat_ids, self.scores.tolist(), self.rles)]  # fmt: skip
+                for i, c, s, r in zip(image_ids, cat_ids, self.scores.tolist(), self.rles or [])]  # fmt: skip
 
 
 def _as_list(x: list | np.ndarray) -> list:
@@ -394,7 +395,7 @@ def _load_records(detections: PathLike | Sequence[dict]) -> tuple[Sequence[dict]
     if isinstance(detections, list | tuple):
         return detections, "detections"
     name = f"detection file {describe(detections, '?')}"
-    records = load_json(detections, "detection file")
+    records = load_json(detections, "detection file")  # type: ignore[arg-type]  # a path here
     if not isinstance(records, list):
         raise EvaluationError(f"{name}: expected a JSON list of result objects")
     return records, name
@@ -557,9 +558,9 @@ def _prepare_detections_c(records: Sequence[dict], gt: dict, iou_type: str) -> D
     if iou_type == "bbox":
         return Detections(image_ids, category_ids, scores, boxes=np.frombuffer(geo, np.float64).reshape(n, 4))
     img_index = order[pos]  # each detection's row in gt["images"]
-    hw = np.asarray([[img["height"], img["width"]] for img in gt["images"]], np.int64).reshape(-1, 2)[
-        img_index
-    ]
+    image_hw = np.asarray([[img["height"], img["width"]] for img in gt["images"]], np.int64).reshape(-1, 2)
+    hw = image_hw[img_index]
+    assert size_b is not None and counts is not None  # always returned for segm
     if not np.array_equal(np.frombuffer(size_b, np.int64).reshape(n, 2), hw):
         return None  # a size mismatch: the Python path names it
     codes, mask_boxes = _rle.area_and_bbox(counts, hw, with_bbox=False)
@@ -676,7 +677,7 @@ def _run_hotcoco(gt: dict, dets: Detections, iou_type: str, p: _Params):
             arr[:, 1:5] = dets.mask_boxes
         arr[:, 5] = dets.scores
         arr[:, 6] = dets.category_ids
-        coco_dt = coco_gt.load_res(arr, segmentation=dets.rles)
+        coco_dt = coco_gt.load_res(arr, segmentation=list(dets.rles or []))
         coco_dt.update_anns(ids=np.arange(1, len(dets) + 1, dtype=np.int64), area=dets.areas)
     else:
         coco_dt = coco_gt.load_res(dets.records("segm"))
@@ -690,6 +691,7 @@ def _run_hotcoco(gt: dict, dets: Detections, iou_type: str, p: _Params):
         ev.evaluate()
         ev.accumulate()
     e = ev.eval
+    assert e is not None, "hotcoco's accumulate left no result"
     return np.asarray(e["precision"], np.float64), np.asarray(e["recall"], np.float64), ev.params.cat_ids
 
 
@@ -728,6 +730,7 @@ def _results_coco(coco_cls: Any, gt: dict, dets: list[dict], iou_type: str, area
             ann["iscrowd"] = 0
     else:
         # loadRes also stores toBbox(mask) as "bbox"; segm matching never reads it, so it is left out
+        assert areas is not None, "segm results need mask areas"
         for index, ann in enumerate(dets):
             ann["area"] = areas[index]
             ann["id"] = index + 1

@@ -33,7 +33,7 @@ from coco_eval.errors import EvaluationError
 try:
     from coco_eval import _speedups
 except ImportError:  # built without a compiler: PNGs are read through PIL
-    _speedups = None
+    _speedups = None  # type: ignore[assignment]
 from coco_eval.panoptic_io import read_panoptic_png
 
 OFFSET = 256 * 256 * 256  # ids fit in 24 bits (RGB), so gt * OFFSET + pred is a unique pair key
@@ -553,9 +553,9 @@ def pq_compute(
                           f"image {ann['image_id']} ({pred_ann['file_name']})")  # fmt: skip
     chosen = resolve_pq_backend(backend)
     if chosen == "hotcoco":
-        stats = _hotcoco_stats(gt, pairs, str(gt_dir), str(pred_dir), categories)
-        if stats is not None:
-            return dict(pq_average(stats, categories), backend="hotcoco")
+        hot = _hotcoco_stats(gt, pairs, str(gt_dir), str(pred_dir), categories)
+        if hot is not None:
+            return dict(pq_average(hot, categories), backend="hotcoco")
         chosen = "coco-eval"  # hotcoco rejected the input: this package's path names the file and the problem
     per_image = map_images(_evaluate_chunk, pairs, workers, progress, "panoptic",
                            (str(gt_dir), str(pred_dir), categories), threads=_speedups is not None)  # fmt: skip
