@@ -198,3 +198,32 @@ def test_hotcoco_backend_agrees_to_rounding(tmp_path):
         assert hot[k]["n"] == ours[k]["n"]
         for f in ("pq", "sq", "rq"):
             assert hot[k][f] == pytest.approx(ours[k][f], rel=1e-12, abs=1e-15)
+
+
+def test_compiled_png_path_counts_every_pixel(tmp_path, monkeypatch):
+    # segments that touch the image borders and run across row ends (no VOID anywhere), RGB and RGBA PNGs:
+    # the compiled PNG path must give the counts of the in-memory path exactly
+    gt = np.zeros((9, 13), np.int64)
+    gt[:, :] = 3
+    gt[4:, 5:] = 800000
+    pred = np.roll(gt, (1, 2), axis=(0, 1))
+    gt_info = [{"id": 3, "category_id": 2, "iscrowd": 0}, {"id": 800000, "category_id": 1, "iscrowd": 0}]
+    pred_info = [{"id": 3, "category_id": 2}, {"id": 800000, "category_id": 1}]
+    for d in ("gt", "pred"):
+        (tmp_path / d).mkdir()
+    Image.fromarray(id2rgb(gt)).save(tmp_path / "gt" / "a.png")
+    rgba = np.concatenate([id2rgb(pred), np.full((*pred.shape, 1), 255, np.uint8)], axis=-1)
+    Image.fromarray(rgba).save(tmp_path / "pred" / "a.png")
+    for d, info in (("gt", gt_info), ("pred", pred_info)):
+        (tmp_path / f"{d}.json").write_text(json.dumps({"annotations": [{"image_id": 1, "file_name": "a.png",
+                                                                         "segments_info": info}],
+                                                        "categories": list(CATS.values())}))  # fmt: skip
+    args = (tmp_path / "gt.json", tmp_path / "gt", tmp_path / "pred.json", tmp_path / "pred")
+    expected = pq_average(pq_single_image(gt, gt_info, pred, pred_info, CATS), CATS)
+    assert expected["All"]["pq"] not in (0.0, 1.0)
+    got = pq_compute(*args)
+    monkeypatch.setattr(panoptic, "_speedups", None)
+    via_pil = pq_compute(*args)
+    for k in ("All", "Things", "Stuff"):
+        assert got[k] == expected[k] == via_pil[k]
+    assert got["per_class"] == expected["per_class"]

@@ -406,35 +406,49 @@ static inline unsigned char paeth(int a, int b, int c) {
 }
 
 /* Undo one row's filter in place; prev is the previous unfiltered row (zeros for the first). The left
- * neighbour is carried in locals (l[]), not re-read from the row: a store-to-load round trip per byte would
- * otherwise serialise Sub / Average / Paeth. */
+ * neighbour is carried in locals, not re-read from the row (a store-to-load round trip per byte would
+ * serialise Sub / Average / Paeth), and BPP is a compile-time constant so that the channel loop unrolls. */
+#define UNFILTER_BODY(BPP)                                                                            \
+  do {                                                                                                \
+    Py_ssize_t i;                                                                                     \
+    int c, l[BPP] = {0}, ul[BPP] = {0};                                                               \
+    switch (type) {                                                                                   \
+      case 0:                                                                                         \
+        return 0;                                                                                     \
+      case 1:                                                                                         \
+        for (i = 0; i < len; i += BPP)                                                                \
+          for (c = 0; c < BPP; c++) l[c] = row[i + c] = (unsigned char)(row[i + c] + l[c]);           \
+        return 0;                                                                                     \
+      case 2:                                                                                         \
+        for (i = 0; i < len; i++) row[i] = (unsigned char)(row[i] + prev[i]);                        \
+        return 0;                                                                                     \
+      case 3:                                                                                         \
+        for (i = 0; i < len; i += BPP)                                                                \
+          for (c = 0; c < BPP; c++)                                                                   \
+            l[c] = row[i + c] = (unsigned char)(row[i + c] + ((l[c] + prev[i + c]) >> 1));            \
+        return 0;                                                                                     \
+      case 4:                                                                                         \
+        for (i = 0; i < len; i += BPP)                                                                \
+          for (c = 0; c < BPP; c++) {                                                                 \
+            int up = prev[i + c];                                                                     \
+            l[c] = row[i + c] = (unsigned char)(row[i + c] + paeth(l[c], up, ul[c]));                 \
+            ul[c] = up;                                                                               \
+          }                                                                                           \
+        return 0;                                                                                     \
+    }                                                                                                 \
+    return -1;                                                                                        \
+  } while (0)
+
+static int unfilter3(unsigned char *restrict row, const unsigned char *restrict prev, int type, Py_ssize_t len) {
+  UNFILTER_BODY(3);
+}
+
+static int unfilter4(unsigned char *restrict row, const unsigned char *restrict prev, int type, Py_ssize_t len) {
+  UNFILTER_BODY(4);
+}
+
 static int unfilter(unsigned char *row, const unsigned char *prev, int type, Py_ssize_t len, int bpp) {
-  Py_ssize_t i;
-  int c, l[4] = {0, 0, 0, 0}, ul[4] = {0, 0, 0, 0};
-  switch (type) {
-    case 0:
-      return 0;
-    case 1:
-      for (i = 0; i < len; i += bpp)
-        for (c = 0; c < bpp; c++) l[c] = row[i + c] = (unsigned char)(row[i + c] + l[c]);
-      return 0;
-    case 2:
-      for (i = 0; i < len; i++) row[i] = (unsigned char)(row[i] + prev[i]);
-      return 0;
-    case 3:
-      for (i = 0; i < len; i += bpp)
-        for (c = 0; c < bpp; c++) l[c] = row[i + c] = (unsigned char)(row[i + c] + ((l[c] + prev[i + c]) >> 1));
-      return 0;
-    case 4:
-      for (i = 0; i < len; i += bpp)
-        for (c = 0; c < bpp; c++) {
-          int up = prev[i + c];
-          l[c] = row[i + c] = (unsigned char)(row[i + c] + paeth(l[c], up, ul[c]));
-          ul[c] = up;
-        }
-      return 0;
-  }
-  return -1;
+  return bpp == 3 ? unfilter3(row, prev, type, len) : unfilter4(row, prev, type, len);
 }
 
 typedef struct {
@@ -447,6 +461,18 @@ typedef struct {
   uint32_t unknown[10];
   int n_unknown;
 } Source;
+
+/* Segment index of a pixel id (0 = VOID); an unknown id is remembered (up to 10) and counted as VOID. */
+static int32_t lookup(Source *s, uint32_t id) {
+  int32_t i = table_get(&s->table, id);
+  if (i < 0) {
+    int seen = 0;
+    for (int u = 0; u < s->n_unknown; u++) seen |= s->unknown[u] == id;
+    if (!seen && s->n_unknown < 10) s->unknown[s->n_unknown++] = id;
+    i = 0;
+  }
+  return i;
+}
 
 /* png_overlap(gt_raw, gt_channels, pred_raw, pred_channels, width, height, gt_ids, pred_ids) ->
  * (counts bytes ((G + 1) * (P + 1) int64), unknown GT ids, unknown predicted ids, error message or None).
@@ -486,6 +512,10 @@ static PyObject *png_overlap(PyObject *self, PyObject *args) {
     src[k].last_index = 0;
   }
   Py_BEGIN_ALLOW_THREADS
+  /* the last ids seen and their segment indices, carried across rows (0xFFFFFFFF: no id yet) */
+  uint32_t la = 0xFFFFFFFFu, lb = 0xFFFFFFFFu;
+  int32_t ia = 0, ib = 0;
+  Py_ssize_t cell = -1, run = 0; /* the open run continues into the next row */
   for (Py_ssize_t y = 0; y < height && !error; y++) {
     for (int k = 0; k < 2; k++) {
       Py_ssize_t stride = width * src[k].channels;
@@ -495,47 +525,35 @@ static PyObject *png_overlap(PyObject *self, PyObject *args) {
     }
     if (error) break;
     const unsigned char *a = src[0].cur, *b = src[1].cur;
-    int ca = src[0].channels, cb = src[1].channels;
-    src[0].last_id = src[1].last_id = 0xFFFFFFFFu; /* no id: forces a lookup at each row start */
-    /* count runs of one (GT, pred) cell and add each run once: no load-increment-store per pixel */
-    Py_ssize_t cell = -1, run = 0;
+    const int ca = src[0].channels, cb = src[1].channels;
+    /* runs of one (GT, pred) cell are counted in locals and added once: no load-increment-store per pixel,
+       and the per-pixel work is two id reads and two compares while both segments continue */
     for (Py_ssize_t x = 0; x < width; x++, a += ca, b += cb) {
       uint32_t ida = (uint32_t)a[0] | ((uint32_t)a[1] << 8) | ((uint32_t)a[2] << 16);
       uint32_t idb = (uint32_t)b[0] | ((uint32_t)b[1] << 8) | ((uint32_t)b[2] << 16);
-      if (ida == src[0].last_id && idb == src[1].last_id) {
+      if (ida == la && idb == lb) {
         run++;
         continue;
       }
-      int32_t idx[2];
-      for (int k = 0; k < 2; k++) {
-        uint32_t id = k ? idb : ida;
-        Source *s = &src[k];
-        if (id == s->last_id) {
-          idx[k] = s->last_index;
-          continue;
-        }
-        int32_t i = table_get(&s->table, id);
-        if (i < 0) {
-          int seen = 0;
-          for (int u = 0; u < s->n_unknown; u++) seen |= s->unknown[u] == id;
-          if (!seen && s->n_unknown < 10) s->unknown[s->n_unknown++] = id;
-          i = 0;
-        }
-        s->last_id = id;
-        s->last_index = i;
-        idx[k] = i;
+      if (ida != la) {
+        ia = lookup(&src[0], ida);
+        la = ida;
+      }
+      if (idb != lb) {
+        ib = lookup(&src[1], idb);
+        lb = idb;
       }
       if (cell >= 0) cnt[cell] += run;
-      cell = (Py_ssize_t)idx[0] * ncol + idx[1];
+      cell = (Py_ssize_t)ia * ncol + ib;
       run = 1;
     }
-    if (cell >= 0) cnt[cell] += run;
     for (int k = 0; k < 2; k++) {
       unsigned char *t = src[k].prev;
       src[k].prev = src[k].cur;
       src[k].cur = t;
     }
   }
+  if (cell >= 0) cnt[cell] += run;
   Py_END_ALLOW_THREADS
   {
     PyObject *unk[2];
