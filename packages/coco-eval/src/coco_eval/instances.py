@@ -367,9 +367,19 @@ class Detections:
     rles: list[dict] | None = None
     areas: np.ndarray | None = None
     mask_boxes: np.ndarray | None = None  # (N, 4) pycocotools' toBbox of each mask (from the C path only)
+    # the mask check still running in a background thread (no GIL): returns the areas or raises the
+    # EvaluationError that names the first bad mask; resolve() waits for it
+    pending: Any = None
 
     def __len__(self) -> int:
         return len(self.scores)
+
+    def resolve(self) -> Detections:
+        """Wait for a background mask check (raising its EvaluationError); returns self."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self.areas = pending()
+        return self
 
     def records(self, iou_type: str) -> list[dict]:
         """COCO result dicts holding only what ``iou_type`` uses (the box alone, or the mask alone)."""
@@ -465,12 +475,14 @@ def _mask_to_rle(seg: Any, size: list[int], where: str) -> dict:
 
 
 def prepare_detections(
-    records: Sequence[dict], gt: dict, iou_type: str, name: str = "detections"
+    records: Sequence[dict], gt: dict, iou_type: str, name: str = "detections", compiled: bool = True
 ) -> Detections:
     """Validate COCO result records against the ground truth and return them as :class:`Detections`.
 
-    Fast path: one list comprehension per field and numpy checks; a failure re-scans record by record to
-    name the first bad one (index, field, value).
+    Fast path (``compiled`` and coco_eval._speedups built): the records are read into columns in C and, for
+    segm, the masks are checked in a background thread (:meth:`Detections.resolve` joins it); without it,
+    one list comprehension per field and numpy checks. A failure re-scans record by record to name the
+    first bad one (index, field, value).
 
     Raises:
         EvaluationError: a missing field, an image or category id unknown to the ground truth, a score that
@@ -481,7 +493,7 @@ def prepare_detections(
     cat_ids = {cat["id"] for cat in gt["categories"]}
     key = "bbox" if iou_type == "bbox" else "segmentation"
     n = len(records)
-    fast = _prepare_detections_c(records, gt, iou_type)
+    fast = _prepare_detections_c(records, gt, iou_type, name) if compiled else None
     if fast is not None:
         return fast
     try:
@@ -534,7 +546,7 @@ def prepare_detections(
     return Detections(image_ids, category_ids, score_arr, rles=rles, areas=areas.astype(np.float64))
 
 
-def _prepare_detections_c(records: Sequence[dict], gt: dict, iou_type: str) -> Detections | None:
+def _prepare_detections_c(records: Sequence[dict], gt: dict, iou_type: str, name: str) -> Detections | None:
     """The compiled fast path of :func:`prepare_detections`: None when it does not apply (no compiled
     module, non-integer GT ids) or when a record needs the Python path (unusual types or an error to name)."""
     if _rle._speedups is None or not isinstance(records, list):
@@ -563,12 +575,21 @@ def _prepare_detections_c(records: Sequence[dict], gt: dict, iou_type: str) -> D
     assert size_b is not None and counts is not None  # always returned for segm
     if not np.array_equal(np.frombuffer(size_b, np.int64).reshape(n, 2), hw):
         return None  # a size mismatch: the Python path names it
-    codes, mask_boxes = _rle.area_and_bbox(counts, hw, with_bbox=False)
-    if (codes < 0).any():
-        return None
-    return Detections(
-        image_ids, category_ids, scores, rles=geo, areas=codes.astype(np.float64), mask_boxes=mask_boxes
-    )
+    # The RLE check runs in the background (the C code releases the GIL) while the caller hands the columns
+    # to the engine; Detections.resolve() joins it before the areas are used or the result is returned.
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(_rle.area_and_bbox, counts, hw, False)
+    pool.shutdown(wait=False)
+
+    def areas() -> np.ndarray:
+        codes, _ = future.result()
+        if (codes < 0).any():  # name the first bad mask (the Python path does)
+            prepare_detections(records, gt, iou_type, name, compiled=False)
+        return codes.astype(np.float64)
+
+    return Detections(image_ids, category_ids, scores, rles=geo, pending=areas)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -667,7 +688,7 @@ def _run_hotcoco(gt: dict, dets: Detections, iou_type: str, p: _Params):
         arr[:, 5] = dets.scores
         arr[:, 6] = dets.category_ids
         coco_dt = coco_gt.load_res(arr)
-    elif dets.areas is not None and len(dets):
+    elif (dets.areas is not None or dets.pending is not None) and len(dets):
         # the array form again, then the mask areas (load_res would take w * h of the array's box). hotcoco's
         # segm matching reads only the masks; the box columns carry pycocotools' toBbox when it was computed
         # and zeros otherwise (the property tests cover both).
@@ -678,6 +699,7 @@ def _run_hotcoco(gt: dict, dets: Detections, iou_type: str, p: _Params):
         arr[:, 5] = dets.scores
         arr[:, 6] = dets.category_ids
         coco_dt = coco_gt.load_res(arr, segmentation=list(dets.rles or []))
+        dets.resolve()  # the background RLE check ran alongside load_res
         coco_dt.update_anns(ids=np.arange(1, len(dets) + 1, dtype=np.int64), area=dets.areas)
     else:
         coco_dt = coco_gt.load_res(dets.records("segm"))
@@ -905,7 +927,10 @@ def evaluate_prepared(
         if unknown:
             raise EvaluationError(f"img_ids {unknown[:5]} are not images of the {name}")
     params = _Params(img_ids, max_dets, bool(use_cats))
+    if chosen != "hotcoco":
+        dets.resolve()
     precision, recall, cat_ids = _RUNNERS[chosen](data, dets, iou_type, params)
+    dets.resolve()
     return _result(iou_type, chosen, precision, recall, cat_ids, params, data)
 
 
