@@ -118,6 +118,8 @@ def instance_sets(draw, max_images: int = 4, max_side: int = 40):
                          "segmentation": _rle_str(m), "mask": m})  # fmt: skip
     gt = {"images": images, "categories": [{"id": c, "name": f"c{c}"} for c in cat_ids], "annotations": anns}
     params = {"max_dets": draw(st.sampled_from(MAX_DETS)), "use_cats": draw(st.booleans())}
+    if draw(st.integers(0, 3)) == 0:  # evaluate a subset of the images (detectron2's partial runs)
+        params["img_ids"] = sorted(draw(st.sets(st.sampled_from(image_ids), min_size=1)))
     return gt, dets, params
 
 
@@ -127,7 +129,9 @@ def detections_for(dets: list[dict], iou_type: str) -> list[dict]:
     return [{k: v for k, v in d.items() if k not in drop} for d in dets]
 
 
-def pycocotools_eval(gt: dict, dets: list[dict], iou_type: str, max_dets=(1, 10, 100), use_cats=True):
+def pycocotools_eval(
+    gt: dict, dets: list[dict], iou_type: str, max_dets=(1, 10, 100), use_cats=True, img_ids=None
+):
     """Plain pycocotools ``COCOeval``: (stats (12,), eval dict) with precision (T,R,K,A,M) and recall (T,K,A,M)."""
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
@@ -146,6 +150,8 @@ def pycocotools_eval(gt: dict, dets: list[dict], iou_type: str, max_dets=(1, 10,
         ev = COCOeval(coco_gt, coco_dt, iou_type)
         ev.params.maxDets = list(max_dets)
         ev.params.useCats = int(use_cats)
+        if img_ids is not None:
+            ev.params.imgIds = list(img_ids)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
