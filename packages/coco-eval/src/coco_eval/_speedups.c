@@ -475,6 +475,7 @@ static int32_t lookup(Source *s, uint32_t id) {
 }
 
 /* png_overlap(gt_raw, gt_channels, pred_raw, pred_channels, width, height, gt_ids, pred_ids) ->
+ * (channels 0: that side is an (H, W) uint32 id array instead of PNG scanlines) ->
  * (counts bytes ((G + 1) * (P + 1) int64), unknown GT ids, unknown predicted ids, error message or None).
  * gt_ids / pred_ids: sorted int64 buffers of the segment ids of segments_info. */
 static PyObject *png_overlap(PyObject *self, PyObject *args) {
@@ -486,6 +487,7 @@ static PyObject *png_overlap(PyObject *self, PyObject *args) {
     return NULL;
   Source src[2];
   memset(src, 0, sizeof(src));
+  uint32_t *rowids[2] = {NULL, NULL}; /* one row of ids per PNG side */
   PyObject *counts = NULL, *result = NULL;
   const char *error = NULL;
   Py_ssize_t n_ids[2] = {bids[0].len / 8, bids[1].len / 8};
@@ -496,13 +498,23 @@ static PyObject *png_overlap(PyObject *self, PyObject *args) {
   memset(cnt, 0, (size_t)ncell * 8);
   for (int k = 0; k < 2; k++) {
     Py_ssize_t stride = width * channels[k];
-    if ((channels[k] != 3 && channels[k] != 4) || braw[k].len != height * (stride + 1)) {
+    if (channels[k] == 0) { /* an id array: H * W uint32, no PNG */
+      if (braw[k].len != height * width * 4) {
+        PyErr_SetString(PyExc_ValueError, "id array size does not match width * height");
+        goto done;
+      }
+    } else if ((channels[k] != 3 && channels[k] != 4) || braw[k].len != height * (stride + 1)) {
       PyErr_SetString(PyExc_ValueError, "decompressed PNG data does not match its header");
+      goto done;
+    }
+    rowids[k] = (uint32_t *)PyMem_Malloc((size_t)(width ? width : 1) * sizeof(uint32_t));
+    if (!rowids[k]) {
+      PyErr_NoMemory();
       goto done;
     }
     src[k].raw = (const unsigned char *)braw[k].buf;
     src[k].channels = channels[k];
-    src[k].cur = (unsigned char *)PyMem_Malloc((size_t)stride + 1);
+    src[k].cur = (unsigned char *)PyMem_Malloc((size_t)stride + 1);  /* stride 0 for an id array: unused */
     src[k].prev = (unsigned char *)PyMem_Calloc((size_t)stride + 1, 1);
     if (!src[k].cur || !src[k].prev || table_init(&src[k].table, (const int64_t *)bids[k].buf, n_ids[k]) < 0) {
       PyErr_NoMemory();
@@ -517,20 +529,29 @@ static PyObject *png_overlap(PyObject *self, PyObject *args) {
   int32_t ia = 0, ib = 0;
   Py_ssize_t cell = -1, run = 0; /* the open run continues into the next row */
   for (Py_ssize_t y = 0; y < height && !error; y++) {
+    const uint32_t *ids[2];
     for (int k = 0; k < 2; k++) {
+      if (src[k].channels == 0) {
+        ids[k] = (const uint32_t *)src[k].raw + y * width;
+        continue;
+      }
       Py_ssize_t stride = width * src[k].channels;
       const unsigned char *in = src[k].raw + y * (stride + 1);
       memcpy(src[k].cur, in + 1, (size_t)stride);
       if (unfilter(src[k].cur, src[k].prev, in[0], stride, src[k].channels) < 0) error = "unknown PNG filter type";
+      const unsigned char *px = src[k].cur;
+      const int ch = src[k].channels;
+      uint32_t *out = rowids[k];
+      for (Py_ssize_t x = 0; x < width; x++, px += ch)
+        out[x] = (uint32_t)px[0] | ((uint32_t)px[1] << 8) | ((uint32_t)px[2] << 16);
+      ids[k] = out;
     }
     if (error) break;
-    const unsigned char *a = src[0].cur, *b = src[1].cur;
-    const int ca = src[0].channels, cb = src[1].channels;
+    const uint32_t *ra = ids[0], *rb = ids[1];
     /* runs of one (GT, pred) cell are counted in locals and added once: no load-increment-store per pixel,
        and the per-pixel work is two id reads and two compares while both segments continue */
-    for (Py_ssize_t x = 0; x < width; x++, a += ca, b += cb) {
-      uint32_t ida = (uint32_t)a[0] | ((uint32_t)a[1] << 8) | ((uint32_t)a[2] << 16);
-      uint32_t idb = (uint32_t)b[0] | ((uint32_t)b[1] << 8) | ((uint32_t)b[2] << 16);
+    for (Py_ssize_t x = 0; x < width; x++) {
+      const uint32_t ida = ra[x], idb = rb[x];
       if (ida == la && idb == lb) {
         run++;
         continue;
@@ -548,6 +569,7 @@ static PyObject *png_overlap(PyObject *self, PyObject *args) {
       run = 1;
     }
     for (int k = 0; k < 2; k++) {
+      if (src[k].channels == 0) continue;
       unsigned char *t = src[k].prev;
       src[k].prev = src[k].cur;
       src[k].cur = t;
@@ -569,6 +591,7 @@ static PyObject *png_overlap(PyObject *self, PyObject *args) {
   }
 done:
   for (int k = 0; k < 2; k++) {
+    PyMem_Free(rowids[k]);
     PyMem_Free(src[k].cur);
     PyMem_Free(src[k].prev);
     table_free(&src[k].table);

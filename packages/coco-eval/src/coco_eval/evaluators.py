@@ -28,8 +28,7 @@ from coco_eval.instances import (
     prepare_ground_truth,
     resolve_backend,
 )
-from coco_eval.panoptic import CategoryStats, ImageStats, pq_average, pq_image
-from coco_eval.panoptic_io import read_panoptic_png
+from coco_eval.panoptic import CategoryStats, ImageStats, pq_average, pq_image_from_png
 from coco_eval.semantic import SemSegEvaluator
 
 __all__ = ["COCOInstanceEvaluator", "COCOPanopticEvaluator", "SemSegEvaluator"]
@@ -295,13 +294,12 @@ class COCOPanopticEvaluator:
             raise EvaluationError(f"{len(inputs)} inputs but {len(outputs)} outputs")
         for inp, out in zip(inputs, outputs):
             ann = self._gt_annotation(inp)
-            gt = read_panoptic_png(os.path.join(self.gt_dir, ann["file_name"]))
             pred = to_numpy(require(out, "panoptic_seg", "COCOPanopticEvaluator output"))
             segments = require(out, "segments_info", "COCOPanopticEvaluator output")
             segments = [{"id": int(s["id"]), "category_id": int(s["category_id"])} for s in segments]
-            stats = pq_image(
-                gt, ann["segments_info"], pred, segments, self.categories, f"image {ann['image_id']}"
-            )
+            gt_path = os.path.join(self.gt_dir, ann["file_name"])
+            where = f"image {ann['image_id']}"
+            stats = pq_image_from_png(gt_path, ann["segments_info"], pred, segments, self.categories, where)
             self._per_image.append((self._order[id(ann)], stats))
             self.num_images += 1
 

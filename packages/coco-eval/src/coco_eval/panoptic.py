@@ -344,6 +344,44 @@ def _png_scanlines(path: str) -> tuple[bytes, int, int, int] | None:
     return raw, width, height, channels
 
 
+def pq_image_from_png(
+    gt_path: str,
+    gt_segments: Sequence[dict],
+    pred_ids: np.ndarray,
+    pred_segments: Sequence[dict],
+    categories: Mapping[int, dict],
+    where: str = "image",
+) -> ImageStats:
+    """:func:`pq_image` with the ground truth given as its PNG file (the streaming evaluator's case).
+
+    With coco_eval._speedups the GT PNG is inflated and counted against the predicted ids directly (no GT id
+    image is built); otherwise it is read through PIL.
+    """
+    pred_ids = np.asarray(pred_ids)
+    gt_png = _png_scanlines(gt_path) if _speedups is not None else None
+    if gt_png is not None and pred_ids.shape == (gt_png[2], gt_png[1]) and pred_ids.dtype.kind in "iu":
+        if pred_ids.size and (pred_ids.min() < 0 or pred_ids.max() >= OFFSET):
+            raise EvaluationError(f"{where}: prediction segment ids must lie in [0, 2^24)")
+        gt_segms, pred_segms = _checked_segments(gt_segments, pred_segments, categories, where)
+        g_ids = np.array(sorted(gt_segms), np.int64)
+        p_ids = np.array(sorted(pred_segms), np.int64)
+        flat = np.ascontiguousarray(pred_ids, dtype=np.uint32)
+        try:
+            counts, unknown_g, unknown_p, error = _speedups.png_overlap(
+                gt_png[0], gt_png[3], flat, 0, gt_png[1], gt_png[2], g_ids, p_ids
+            )
+        except ValueError:
+            error = "unreadable"
+        if error is None:
+            if unknown_g:
+                _unknown_ids(unknown_g, f"{where} (ground truth)")
+            if unknown_p:
+                _unknown_ids(unknown_p, f"{where} (prediction)")
+            overlap = np.frombuffer(counts, np.int64).reshape(g_ids.size + 1, p_ids.size + 1)
+            return _score_overlap(overlap, g_ids, p_ids, gt_segms, pred_segms, gt_segments, where)
+    return pq_image(read_panoptic_png(gt_path), gt_segments, pred_ids, pred_segments, categories, where)
+
+
 def _evaluate_pair(args: tuple) -> ImageStats:
     gt_ann, pred_ann, gt_dir, pred_dir, categories = args
     where = f"image {gt_ann['image_id']}"
