@@ -8,9 +8,9 @@ def extract(
     records: Sequence[Any], bbox: bool
 ) -> tuple[int, bytes, bytes, bytes, Any, bytes | None, list | None]: ...
 def png_overlap(
-    gt_raw: bytes,
+    gt_raw: Any,
     gt_channels: int,
-    pred_raw: bytes,
+    pred_raw: Any,
     pred_channels: int,
     width: int,
     height: int,
