@@ -205,6 +205,15 @@ def _gt_segmentation_problem(seg: Any, size: list[int], checks: list) -> str | N
     return _rle.polygon_problem(seg)
 
 
+def _all_finite_numbers(values: list) -> bool:
+    """Every value an int or float (not bool, not str) and finite, checked in bulk."""
+    if not values:
+        return True
+    if not set(map(type, values)) <= {float, int}:
+        return False
+    return bool(np.isfinite(np.asarray(values, np.float64)).all())
+
+
 def _annotation_problem(
     ann: Any,
     where: str,
@@ -280,20 +289,21 @@ def _prepared_ground_truth(data: dict, name: str, iou_type: str) -> dict:
     anns = []
     compressed: list[Any] = []
     compressed_owner: list[int] = []
-    coords: list[Any] = []  # every polygon coordinate, type- and finiteness-checked in one go below
+    coords: list[Any] = []  # polygon coordinates and boxes: type- and finiteness-checked in bulk below
+    numbers: list[Any] = []  # areas, likewise
     geometry = "bbox" if iou_type == "bbox" else "segmentation"
-    number = (float, int)
+    is_box = iou_type == "bbox"
     for i, ann in enumerate(data.get("annotations", [])):
         try:  # fast path; any irregularity goes to _annotation_problem, which names it
             image_id, geom, crowd = ann["image_id"], ann[geometry], ann.get("iscrowd", 0)
-            ok = (image_id in sizes and ann["category_id"] in cat_ids and type(ann["area"]) in number
-                  and math.isfinite(ann["area"]) and (crowd == 0 or crowd == 1) and type(crowd) is not float)  # fmt: skip
+            ok = image_id in sizes and ann["category_id"] in cat_ids and (crowd == 0 or crowd == 1)
+            numbers.append(ann["area"])
         except (KeyError, TypeError, AttributeError):
             ok = False
         if ok:
-            if iou_type == "bbox":
-                ok = type(geom) is list and len(geom) == 4 and all(type(v) in number for v in geom)
-                ok = ok and all(map(math.isfinite, geom))
+            if is_box:
+                ok = type(geom) is list and len(geom) == 4
+                coords.extend(geom)
             elif type(geom) is list:
                 ok = all(type(p) is list and len(p) >= 6 and not len(p) % 2 for p in geom) and len(geom) > 0
                 if ok:
@@ -311,23 +321,16 @@ def _prepared_ground_truth(data: dict, name: str, iou_type: str) -> dict:
                                 compressed_owner, i)  # fmt: skip
             crowd = ann.get("iscrowd", 0)
         ann = dict(ann)
-        ann["iscrowd"] = int(
-            crowd
-        )  # pycocotools raises KeyError without it; COCO files omit it for non-crowd
+        ann["iscrowd"] = int(crowd)  # pycocotools raises KeyError without it; COCO files omit it when 0
         ann.pop("ignore", None)  # pycocotools overwrites it with iscrowd; dropped so no backend reads it
         # pycocotools stores the matched GT *id* and tests it for truth, so a GT with id 0 can never be
         # matched (and duplicate ids collide in its index). Ids play no other role in the metric (GT order
         # comes from the file order), so 1-based renumbering keeps every other result bit-identical.
         ann["id"] = i + 1
         anns.append(ann)
-    if coords and not (
-        set(map(type, coords)) <= {float, int} and np.isfinite(np.asarray(coords, np.float64)).all()
-    ):
-        for i, ann in enumerate(data["annotations"]):
-            problem = _rle.polygon_problem(ann["segmentation"]) if type(ann["segmentation"]) is list else None
-            if problem:
-                raise EvaluationError(f"{name}: annotations[{i}] (id {ann.get('id')!r}, image_id "
-                                      f"{ann['image_id']!r}): {problem}")  # fmt: skip
+    if not _all_finite_numbers(numbers) or not _all_finite_numbers(coords):
+        for i, ann in enumerate(data["annotations"]):  # name the first bad one
+            _annotation_problem(ann, f"{name}: annotations[{i}]", iou_type, sizes, cat_ids, [], [], i)
     if compressed:
         totals = []
         for i in compressed_owner:
