@@ -70,6 +70,14 @@ def cpu_info() -> dict:
     return info
 
 
+def _loadavg() -> float | None:
+    """1-minute load average (other jobs on the machine distort timings: rerun when it is high)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def cached(name: str, params: dict, build: Callable[[], Any]) -> Any:
     """``build()``, pickled under CACHE keyed by ``name`` and ``params``."""
     key = hashlib.sha1(json.dumps([name, params], sort_keys=True).encode()).hexdigest()[:16]
@@ -643,6 +651,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ["RAYON_NUM_THREADS"] = str(args.threads)
     from coco_eval import _rle
 
+    load_before = _loadavg()
     report: dict[str, Any] = {
         "cpu": cpu_info(),
         "threads": {
@@ -662,6 +671,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             bench_instances(n, args, report)
     if not args.skip_panoptic:
         bench_panoptic(args, report)
+    report["loadavg_before_after"] = [load_before, _loadavg()]
+    print(f"1-minute load average before / after: {load_before} / {report['loadavg_before_after'][1]}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
         print(f"\nwrote {args.json}")
