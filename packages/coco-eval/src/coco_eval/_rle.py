@@ -50,14 +50,17 @@ def num_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def area_and_bbox(counts: list, sizes: np.ndarray, with_bbox: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def area_and_bbox(
+    counts: list, sizes: np.ndarray, with_bbox: bool = True, threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Compiled check of N compressed RLEs with their (N, 2) (height, width): (areas (N,) int64, negative
     ``BAD_*`` codes for malformed ones; boxes (N, 4) float64, pycocotools' ``toBbox``, zeros without
     ``with_bbox``). Parsed in
-    ``num_threads()`` threads (the C code runs without the GIL). Needs ``coco_eval._speedups``."""
+    ``threads`` (default ``num_threads()``) threads (the C code runs without the GIL). Needs
+    ``coco_eval._speedups``."""
     n = len(counts)
     sizes = np.ascontiguousarray(sizes, dtype=np.int64).reshape(n, 2)
-    threads = min(num_threads(), max(1, n // 20000))
+    threads = min(threads or num_threads(), max(1, n // 20000))
     bounds = np.linspace(0, n, threads + 1).astype(int)
     chunks = list(zip(bounds[:-1], bounds[1:]))
 

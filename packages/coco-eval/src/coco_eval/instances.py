@@ -578,12 +578,12 @@ def _prepare_detections_c(records: Sequence[dict], gt: dict, iou_type: str, name
     assert size_b is not None and counts is not None  # always returned for segm
     if not np.array_equal(np.frombuffer(size_b, np.int64).reshape(n, 2), hw):
         return None  # a size mismatch: the Python path names it
-    # The RLE check runs in the background (the C code releases the GIL) while the caller hands the columns
-    # to the engine; Detections.resolve() joins it before the areas are used or the result is returned.
+    # The RLE check runs in one background thread (the C code releases the GIL) on the core that hotcoco's
+    # single-threaded load_res leaves idle; Detections.resolve() joins it before the areas are used.
     from concurrent.futures import ThreadPoolExecutor
 
     pool = ThreadPoolExecutor(1)
-    future = pool.submit(_rle.area_and_bbox, counts, hw, False)
+    future = pool.submit(_rle.area_and_bbox, counts, hw, False, 1)
     pool.shutdown(wait=False)
 
     def areas() -> np.ndarray:
