@@ -580,8 +580,8 @@ def bench_panoptic(args: argparse.Namespace, report: dict) -> None:
     candidates: dict[str, Callable[[], dict]] = {
         "coco-eval 0.1.0, 1 process": lambda: baseline_pq_compute(*files, workers=1),
         f"coco-eval 0.1.0, {workers} processes": lambda: baseline_pq_compute(*files, workers=workers),
-        "coco-eval, 1 process": lambda: pq_compute(*files, workers=1),
-        f"coco-eval, {workers} processes": lambda: pq_compute(*files, workers=workers),
+        "coco-eval, 1 worker": lambda: pq_compute(*files, workers=1),
+        f"coco-eval, {workers} worker threads": lambda: pq_compute(*files, workers=workers),
     }
     try:
         import hotcoco.panoptic
