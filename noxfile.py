@@ -69,7 +69,7 @@ def _sources_digest() -> str:
     for pkg in PACKAGES:
         for path in sorted((ROOT / pkg).glob("**/*")):
             if path.is_file() and (
-                path.name in ("pyproject.toml", "setup.py") or path.suffix in (".cpp", ".cu", ".h", ".cuh")
+                path.name in ("pyproject.toml", "setup.py") or path.suffix in (".cpp", ".cu", ".h", ".cuh", ".c", ".inc")
             ):
                 h.update(str(path.relative_to(ROOT)).encode())
                 h.update(path.read_bytes())
