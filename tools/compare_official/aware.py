@@ -15,10 +15,10 @@ size.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from detr_core.box_ops import box_cxcywh_to_xyxy
 from detr_core.outputs import DetectionOutputs
@@ -28,6 +28,9 @@ from .checks import compare_with_ties
 from .matching import instance_metrics, pairs_by_iou
 from .report import Report
 from .stages import OfficialRun, capture_our_selection, our_batch, pixel_output, run_official
+
+if TYPE_CHECKING:
+    from maskdino.modeling.model import MaskDINO
 
 __all__ = ["WHY", "aware_checks", "unpadded_check"]
 
@@ -168,6 +171,8 @@ def _anchor_row(
     in_pad = masks.clone()
     in_pad[:, :hv, :wv] = False
     touches = in_pad.flatten(1).any(1)
+    if ours.aux[0].boxes is None:
+        return
     bo = _pixel_boxes(off.aux[0].boxes[b : b + 1, io], torch.tensor([padded]))[0]
     bu = _pixel_boxes(ours.aux[0].boxes[b : b + 1, iu], sizes[b : b + 1])[0]
     d = (bo.double() - bu.double()).abs().amax(-1)
@@ -191,8 +196,8 @@ def _anchor_row(
 @torch.no_grad()
 def aware_checks(
     report: Report,
-    off: nn.Module,
-    aware: nn.Module,
+    off: Any,
+    aware: MaskDINO,
     run: OfficialRun,
     x: Tensor,
     sizes: list[tuple[int, int]],
@@ -208,7 +213,7 @@ def aware_checks(
     if not batch.masked:
         report.add("aware", "padding", None, "nothing is padded: aware mode is official mode here")
     feats = aware.backbone(batch)
-    strides = {k: spec.stride for k, spec in aware.backbone.output_shape().items()}
+    strides = {k: spec.stride for k, spec in aware.backbone.output_shape().items()}  # type: ignore[operator]
     for k in sorted(run.features):
         stride = strides[k]
         v = _region(feats[k], run.features[k], st, padded, stride, report.atol)
@@ -290,7 +295,7 @@ def aware_postprocess(
 
 @torch.no_grad()
 def unpadded_check(
-    report: Report, off: nn.Module, aware: nn.Module, x: Tensor, sizes: list[tuple[int, int]]
+    report: Report, off: Any, aware: MaskDINO, x: Tensor, sizes: list[tuple[int, int]]
 ) -> None:
     """Aware mode on an input that needs no padding must match the official outputs to float32 rounding."""
     run = run_official(off, x)
@@ -303,22 +308,26 @@ def unpadded_check(
 
 @torch.no_grad()
 def official_padding_sensitivity(
-    report: Report, off: nn.Module, images: list[Tensor], out_sizes: list[tuple[int, int]], res_o: list
+    report: Report, off: Any, images: list[Tensor], out_sizes: list[tuple[int, int]], res_o: list
 ) -> None:
     """How much the OFFICIAL predictions themselves move when only the amount of padding changes (its
-    ``size_divisibility`` doubled): the scale of the differences that padding-aware mode removes."""
+    ``size_divisibility`` multiplied by the smallest factor that changes the padded size): the scale of the
+    differences that padding-aware mode removes."""
     saved = off.size_divisibility
-    d = 2 * saved
     shape = [max(int(im.shape[k]) for im in images) for k in (-2, -1)]
-    if all(-(-s // saved) * saved == -(-s // d) * d for s in shape):
-        report.add(
-            f"official padded to /{d}", "padding", None, f"{shape} pads to the same size: not measured"
-        )
+
+    def padded(d: int) -> list[int]:
+        return [-(-s // d) * d for s in shape]
+
+    d = next((f * saved for f in range(2, 9) if padded(f * saved) != padded(saved)), None)
+    if d is None:
+        report.add("official more padding", "padding", None, f"{shape}: no larger divisibility pads more")
         return
+    report.add(f"official padded to /{d}", "padding", None, f"{padded(saved)} -> {padded(d)}")
     off.size_divisibility = d
     try:
         res_2 = off([{"image": im, "height": h, "width": w} for im, (h, w) in zip(images, out_sizes)])
     finally:
         off.size_divisibility = saved
     for i, (a, b) in enumerate(zip(res_o, res_2)):
-        aware_postprocess(report, f"official padded to /{2 * saved} img{i}", a, b, official_pair=True)
+        aware_postprocess(report, f"official padded to /{d} img{i}", a, b, official_pair=True)

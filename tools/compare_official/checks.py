@@ -10,15 +10,18 @@ reported as ``tie`` with the ranks that moved.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from detr_core.outputs import DetectionOutputs, QueryPredictions
 
 from .matching import pairs_by_query
 from .report import Report, Row
+
+if TYPE_CHECKING:
+    from maskdino.modeling.model import MaskDINO
 
 __all__ = [
     "align_queries",
@@ -156,7 +159,7 @@ def compare_with_ties(
     return perm
 
 
-def check_settings(report: Report, off: nn.Module, ours: nn.Module) -> None:
+def check_settings(report: Report, off: Any, ours: MaskDINO) -> None:
     """The inference settings of both models (thresholds, top-k, normalisation, tasks) must be equal."""
     post = ours.postprocessor
     pairs: dict[str, tuple[Any, Any]] = {

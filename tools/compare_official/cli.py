@@ -9,15 +9,18 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .inputs import Inputs, photo_inputs, synthetic_batch, unpadded_crop
+from .inputs import Inputs, photo_inputs, synthetic_batch, synthetic_photo, unpadded_crop
 from .official import build_official, import_official, official_yaml_for
 from .report import Report
 from .weights import load_converted, randomize_official, save_official_checkpoint
+
+if TYPE_CHECKING:
+    from maskdino.modeling.model import MaskDINO
 
 __all__ = ["build_parser", "main"]
 
@@ -105,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 class Setup:
     """Both models with the same weights, and the input."""
 
-    off: nn.Module
+    off: Any
     off_cfg: Any
-    ours: nn.Module  # padding_mode="official"
+    ours: MaskDINO  # padding_mode="official"
     official_sd: dict[str, Tensor]
     converted: dict[str, Tensor]
     inputs: Inputs
@@ -170,7 +173,7 @@ def setup(args: argparse.Namespace, tmp: Path) -> Setup:
     return Setup(off, off_cfg, ours, official_sd, converted, _inputs(args), report)
 
 
-def _aware_model(s: Setup, preset: str, device: str) -> nn.Module:
+def _aware_model(s: Setup, preset: str, device: str) -> MaskDINO:
     from detr_core.checkpoint import load_into_model
     from maskdino.config import get_preset
     from maskdino.modeling.model import build_model
@@ -183,7 +186,7 @@ def _aware_model(s: Setup, preset: str, device: str) -> nn.Module:
 
 
 def _official_predictions(
-    off: nn.Module, images: list[Tensor], out_sizes: list[tuple[int, int]]
+    off: Any, images: list[Tensor], out_sizes: list[tuple[int, int]]
 ) -> tuple[list, Any]:
     """``MaskDINO.forward`` on the images, and its raw head outputs (captured)."""
     from .stages import official_outputs
@@ -201,7 +204,7 @@ def _official_predictions(
 
 
 def _our_predictions(
-    model: nn.Module, images: list[Tensor], out_sizes: list[tuple[int, int]]
+    model: MaskDINO, images: list[Tensor], out_sizes: list[tuple[int, int]]
 ) -> tuple[list, Any]:
     captured: dict[str, Any] = {}
     hook = model.predictor.register_forward_hook(lambda m, i, o: captured.__setitem__("raw", o))
@@ -296,7 +299,8 @@ def compare(args: argparse.Namespace, tmp: Path) -> int:
         if ckpt is None:
             ckpt = tmp / "official_random.pth"
             save_official_checkpoint(s.official_sd, ckpt)
-        end_to_end(report, off, s.off_cfg, ckpt, args.config, inputs.photo, inputs.original, tmp)
+        original = inputs.original if inputs.original is not None else synthetic_photo(seed=args.seed)
+        end_to_end(report, off, s.off_cfg, ckpt, args.config, inputs.photo, original, tmp)
     return _finish(report, args.json)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch import Tensor, nn
+from torch import Tensor
 
 from .checks import align_queries, pair_instances
 from .matching import instance_metrics
@@ -47,7 +47,7 @@ def _convert(src: Path, dst: Path, preset: str) -> str:
 @torch.no_grad()
 def end_to_end(
     report: Report,
-    off: nn.Module,
+    off: Any,
     off_cfg: Any,
     checkpoint: Path,
     preset: str,

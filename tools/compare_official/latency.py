@@ -24,10 +24,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    from maskdino.modeling.model import MaskDINO
 
 __all__ = ["STAGES", "cpu_description", "run_latency", "worker"]
 
@@ -86,7 +88,7 @@ class StageClock:
         return out
 
 
-def _instrument(model: nn.Module, official: bool, clock: StageClock) -> None:
+def _instrument(model: Any, official: bool, clock: StageClock) -> None:
     model.backbone.register_forward_pre_hook(clock.pre("backbone"))
     model.backbone.register_forward_hook(clock.post("backbone"))
     if official:
@@ -107,7 +109,7 @@ def worker(
     allocator: str,
     threads: int,
     rounds: int,
-    build: Callable[[], tuple[nn.Module, nn.Module, Any]],
+    build: Callable[[], tuple[Any, MaskDINO, Any]],
     out_path: Path,
 ) -> int:
     """One process: apply the allocator setting, build both models (``build() -> (official, ours, inputs)``), time

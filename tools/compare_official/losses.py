@@ -7,14 +7,18 @@ Denoising is off on both sides because the official denoising path hard-codes ``
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .checks import compare_with_ties
 from .report import Report
 from .stages import official_outputs, pixel_output
+
+if TYPE_CHECKING:
+    from maskdino.modeling.criterion import MaskDINOCriterion
+    from maskdino.modeling.model import MaskDINO
 
 __all__ = ["compare_losses", "synthetic_targets"]
 
@@ -80,15 +84,13 @@ def _official_levels(raw: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]
 
 
 def _matcher_rows(
-    report: Report, section: str, crit_o: nn.Module, crit_u: nn.Module, raw: dict, targets: list, seed: int
+    report: Report, section: str, crit_o: Any, crit_u: MaskDINOCriterion, raw: dict, targets: list, seed: int
 ) -> None:
     bad = []
     ours = official_outputs(raw)
-    our_levels = {
-        "final": ours.final,
-        "interm": ours.interm,
-        **{f"aux[{i}]": a for i, a in enumerate(ours.aux)},
-    }
+    our_levels = {"final": ours.final, **{f"aux[{i}]": a for i, a in enumerate(ours.aux)}}
+    if ours.interm is not None:
+        our_levels["interm"] = ours.interm
     for name, level in _official_levels(raw):
         torch.manual_seed(seed + 123)
         idx_o = crit_o.matcher(level, [dict(t) for t in targets])
@@ -105,8 +107,8 @@ def _matcher_rows(
 
 def compare_losses(
     report: Report,
-    off: nn.Module,
-    ours: nn.Module,
+    off: Any,
+    ours: MaskDINO,
     ms: list[Tensor],
     mf: Tensor,
     batch: Any,
@@ -164,7 +166,7 @@ def compare_losses(
 
 
 def _loss_rows(
-    report: Report, section: str, crit_o: nn.Module, crit_u: nn.Module, lo: dict, lu: dict, loss_rtol: float
+    report: Report, section: str, crit_o: Any, crit_u: MaskDINOCriterion, lo: dict, lu: dict, loss_rtol: float
 ) -> None:
     ko, ku = set(lo), set(lu)
     if ko - ku:
@@ -195,8 +197,8 @@ def _loss_rows(
 def _gradient_row(
     report: Report,
     section: str,
-    crit_o: nn.Module,
-    crit_u: nn.Module,
+    crit_o: Any,
+    crit_u: MaskDINOCriterion,
     lo: dict,
     lu: dict,
     out_o: Any,
@@ -214,6 +216,7 @@ def _gradient_row(
         r <= loss_rtol,
         f"ours {float(tot_u):.6f}, official {float(tot_o):.6f}, rel diff {r:.2e}",
     )
+    assert isinstance(tot_o, Tensor) and isinstance(tot_u, Tensor)
     tot_o.backward()
     tot_u.backward()
     worst, where, one_sided = 0.0, "", 0
@@ -221,7 +224,7 @@ def _gradient_row(
         if (a.grad is None) != (g.grad is None):
             one_sided += 1
             continue
-        if a.grad is None:
+        if a.grad is None or g.grad is None:
             continue
         d = float((a.grad.double() - g.grad.double()).abs().max())
         scale = max(float(g.grad.abs().max()), 1e-12)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = [
     "OFFICIAL_PACKAGE",
@@ -182,9 +182,7 @@ def official_yaml_for(preset: str, maskdino_repo: Path, override: Path | None) -
     return path
 
 
-def build_official(
-    yaml_path: Path, device: str, seed: int, opts: Sequence[str] = ()
-) -> tuple[nn.Module, Any]:
+def build_official(yaml_path: Path, device: str, seed: int, opts: Sequence[str] = ()) -> tuple[Any, Any]:
     """The official model from its yaml (as its ``train_net.setup``: DeepLab + Mask DINO config, then ``opts``, a
     flat ``KEY VALUE ...`` list for ``merge_from_list``), in eval mode, with the initialisation of ``seed``.
 

@@ -95,6 +95,7 @@ def record_fixture(path: Path, maskdino_repo: Path, detectron2_repo: Path | None
     x, sizes = official_batch(off, [x_img])
     run = run_official(off, x)
     k = off.sem_seg_head.predictor.num_queries
+    assert run.scores is not None and run.outputs.interm is not None and run.outputs.interm.masks is not None
     scores = run.scores.sort(dim=1, descending=True).values
     gap = float((scores[:, k - 1] - scores[:, k]).min())
     order_gap = float((scores[:, : k - 1] - scores[:, 1:k]).min())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,9 @@ import maskdino.modeling.predictor as our_predictor_module
 from detr_core.outputs import DetectionOutputs, QueryPredictions
 from detr_core.padding import PaddedBatch
 from maskdino.modeling.pixel_decoder import PixelDecoderOutput
+
+if TYPE_CHECKING:
+    from maskdino.modeling.model import MaskDINO
 
 __all__ = [
     "OfficialRun",
@@ -44,7 +47,7 @@ def official_outputs(out: dict[str, Any]) -> DetectionOutputs:
     )
 
 
-def official_batch(off: nn.Module, images: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
+def official_batch(off: Any, images: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
     """The official pre-processing: normalise, then detectron2's ``ImageList`` zero padding to the size divisibility.
 
     Returns:
@@ -71,7 +74,7 @@ class OfficialRun:
 
 
 @torch.no_grad()
-def run_official(off: nn.Module, x: Tensor) -> OfficialRun:
+def run_official(off: Any, x: Tensor) -> OfficialRun:
     """Backbone -> pixel decoder -> predictor of the official model (its ``sem_seg_head`` does the same two calls)."""
     feats = off.backbone(x)
     mask_features, _, multi_scale = off.sem_seg_head.pixel_decoder.forward_features(feats, None)
@@ -83,7 +86,7 @@ def run_official(off: nn.Module, x: Tensor) -> OfficialRun:
 
 
 @contextlib.contextmanager
-def capture_official_selection(off: nn.Module) -> Iterator[dict[str, Tensor]]:
+def capture_official_selection(off: Any) -> Iterator[dict[str, Tensor]]:
     """While active, the official two-stage selection is recorded: ``scores (B, S)`` (max class logit of every
     encoder token, from the first ``class_embed`` call on all tokens) and ``indices (B, Q)`` (its top-k, as the
     official ``torch.topk`` call)."""
@@ -121,12 +124,12 @@ def capture_our_selection() -> Iterator[dict[str, Tensor]]:
         our_predictor_module.select_top_queries = original  # type: ignore[assignment]
 
 
-def pixel_output(ours: nn.Module, mask_features: Tensor, multi_scale: list[Tensor]) -> PixelDecoderOutput:
+def pixel_output(ours: MaskDINO, mask_features: Tensor, multi_scale: list[Tensor]) -> PixelDecoderOutput:
     """Official pixel decoder outputs in our predictor's input type."""
     pd = ours.pixel_decoder
     return PixelDecoderOutput(mask_features, list(multi_scale), pd.output_strides(), pd.common_stride)
 
 
-def our_batch(ours: nn.Module, x: Tensor, sizes: list[tuple[int, int]]) -> PaddedBatch:
+def our_batch(ours: MaskDINO, x: Tensor, sizes: list[tuple[int, int]]) -> PaddedBatch:
     """The official padded tensor as our batch, masked when ``ours`` is padding-aware (and something is padded)."""
     return PaddedBatch.from_tensor(x, sizes, masked=ours.padding_aware)

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from detr_core.checkpoint import LoadReport, load_into_model, match_aliases
 from maskdino.checkpoints import ALIASES, convert_official_state_dict
+
+if TYPE_CHECKING:
+    from maskdino.modeling.model import MaskDINO
 
 __all__ = ["key_list", "load_converted", "randomize_official", "save_official_checkpoint"]
 
 
 @torch.no_grad()
-def randomize_official(model: nn.Module, seed: int) -> None:
+def randomize_official(model: Any, seed: int) -> None:
     """Make every constant-initialised tensor of the official model non-trivial, in place.
 
     FrozenBN statistics and affine parameters of the backbone get plausible random values (a small gamma on the last
@@ -54,7 +58,7 @@ def randomize_official(model: nn.Module, seed: int) -> None:
             v.add_(0.02 * noise)
 
 
-def key_list(model: nn.Module) -> list[tuple[str, tuple[int, ...], str | None]]:
+def key_list(model: Any) -> list[tuple[str, tuple[int, ...], str | None]]:
     """``(key, shape, tied_to)`` of every official tensor but the criterion's, sorted by key; ``tied_to`` is the
     first key (in sorted order) holding the same tensor (the official state dict repeats shared modules)."""
     sd = model.state_dict()
@@ -69,7 +73,7 @@ def key_list(model: nn.Module) -> list[tuple[str, tuple[int, ...], str | None]]:
     return out
 
 
-def load_converted(ours: nn.Module, official_sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], LoadReport]:
+def load_converted(ours: MaskDINO, official_sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], LoadReport]:
     """Convert an official state dict with our converter and load it into ``ours`` (non-strict, so that the report
     lists every problem). Returns ``(converted, report)``."""
     converted = match_aliases(convert_official_state_dict(official_sd), ours.state_dict().keys(), ALIASES)
