@@ -165,6 +165,8 @@ def _anchor_row(
     differences with and without such foreground."""
     if off.interm is None or off.interm.masks is None or not off.aux or off.aux[0].boxes is None:
         return
+    if ours.interm is None or ours.interm.masks is None:
+        return  # initialize_box_type "no": the anchors are the proposals' boxes, not their masks' boxes
     masks = off.interm.masks[b, io] > 0  # (n, h, w) at the mask stride
     s = -(-padded[0] // masks.shape[-2])
     hv, wv = ((sizes[b] + s - 1) // s).tolist()

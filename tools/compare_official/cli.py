@@ -215,93 +215,122 @@ def _our_predictions(
     return preds, captured["raw"]
 
 
+@dataclass
+class Run:
+    """The shared state of one comparison: the setup, the inputs on the device, the official outputs."""
+
+    s: Setup
+    args: argparse.Namespace
+    images: list[Tensor]
+    out_sizes: list[tuple[int, int]]
+    x: Tensor
+    sizes: list[tuple[int, int]]
+    official: Any  # stages.OfficialRun
+    res_o: list
+    raw_o: Any
+
+
 def compare(args: argparse.Namespace, tmp: Path) -> int:
     """The whole comparison; returns the exit status."""
-    from .aware import aware_checks, aware_postprocess, official_padding_sensitivity, unpadded_check
-    from .checks import check_settings, compare_predictions, compare_with_ties, max_abs_difference
-    from .endtoend import end_to_end
-    from .losses import compare_losses
-    from .stages import official_batch, our_batch, pixel_output, run_official
+    from .checks import check_settings, max_abs_difference
+    from .stages import official_batch, run_official
 
     s = setup(args, tmp)
-    report, off, ours, inputs = s.report, s.off, s.ours, s.inputs
-    check_settings(report, off, ours)
-    images = [im.to(args.device) for im in inputs.images]
-    out_sizes = [tuple(args.output_size)] * len(images) if args.output_size else inputs.output_sizes
+    report, off = s.report, s.off
+    check_settings(report, off, s.ours)
+    images = [im.to(args.device) for im in s.inputs.images]
+    out_sizes = [tuple(args.output_size)] * len(images) if args.output_size else s.inputs.output_sizes
     x, sizes = official_batch(off, images)
     print(
-        f"input: {inputs.description}; batch {tuple(x.shape)}, image sizes {sizes}, output sizes {out_sizes}"
+        f"input: {s.inputs.description}; batch {tuple(x.shape)}, image sizes {sizes}, output sizes {out_sizes}"
     )
-    report.tensor("input", "normalised batch", ours.preprocess(images).tensor, x)
-    run = run_official(off, x)
+    report.tensor("input", "normalised batch", s.ours.preprocess(images).tensor, x)
+    official = run_official(off, x)
     res_o, raw_o = _official_predictions(off, images, out_sizes)
-    same = max_abs_difference(raw_o, run.outputs)
+    same = max_abs_difference(raw_o, official.outputs)
     report.add(
         "input",
         "official forward = staged run",
         same == 0.0,
-        f"MaskDINO.forward's head outputs and "
-        f"backbone -> pixel decoder -> predictor called one by one: max_abs={same:.2e}",
+        f"MaskDINO.forward's head outputs and backbone -> pixel decoder -> predictor called one by one: "
+        f"max_abs={same:.2e}",
     )
-    things = set(ours.postprocessor.thing_classes) if "panoptic" in ours.postprocessor.tasks else None
+    r = Run(s, args, images, out_sizes, x, sizes, official, res_o, raw_o)
     if args.padding_mode in ("official", "both"):
-        batch = our_batch(ours, x, sizes)
-        with torch.no_grad():
-            feats = ours.backbone(batch)
-            for k in sorted(run.features):
-                report.tensor("backbone", k, feats.get(k), run.features[k])
-            pd = ours.pixel_decoder(run.features, batch)
-            report.tensor("pixel_decoder", "mask_features", pd.mask_features, run.mask_features)
-            for i, (a, b) in enumerate(zip(pd.multi_scale_features, run.multi_scale)):
-                report.tensor("pixel_decoder", f"multi_scale[{i}]", a, b)
-            head = ours.predictor(pixel_output(ours, run.mask_features, run.multi_scale), batch)
-            compare_with_ties(report, "predictor", head, run.outputs)
-            perm = compare_with_ties(report, "whole model", ours.network(batch), run.outputs)
-        preds, raw_u = _our_predictions(ours, images, out_sizes)
-        for i in range(len(images)):
-            compare_predictions(
-                report,
-                f"postprocess img{i}",
-                res_o[i],
-                preds[i],
-                raw_o.final.logits[i],
-                raw_u.final.logits[i],
-                None if perm is None else perm[i],
-                args.mask_tol,
-                int(off.test_topk_per_image),
-                things,
-            )
-        if args.losses:
-            compare_losses(
-                report,
-                off,
-                ours,
-                run.multi_scale,
-                run.mask_features,
-                batch,
-                args.seed,
-                args.loss_rtol,
-                args.device,
-            )
+        _official_mode(r)
     if args.padding_mode in ("aware", "both"):
-        aware = _aware_model(s, args.config, args.device)
-        aware_checks(report, off, aware, run, x, sizes)
-        preds_a, _ = _our_predictions(aware, images, out_sizes)
-        for i in range(len(images)):
-            aware_postprocess(report, f"aware postprocess img{i}", res_o[i], preds_a[i])
-        official_padding_sensitivity(report, off, images, out_sizes, res_o)
-        crops = [unpadded_crop(im, off.size_divisibility) for im in images[:1]]
-        xc, sizes_c = official_batch(off, crops)
-        unpadded_check(report, off, aware, xc, sizes_c)
-        del aware
+        _aware_mode(r)
     if not args.no_end_to_end:
+        from .endtoend import end_to_end
+
         ckpt = args.weights
         if ckpt is None:
             ckpt = tmp / "official_random.pth"
             save_official_checkpoint(s.official_sd, ckpt)
-        original = inputs.original if inputs.original is not None else synthetic_photo(seed=args.seed)
-        end_to_end(report, off, s.off_cfg, ckpt, args.config, inputs.photo, original, tmp)
+        original = s.inputs.original if s.inputs.original is not None else synthetic_photo(seed=args.seed)
+        end_to_end(report, off, s.off_cfg, ckpt, args.config, s.inputs.photo, original, tmp)
     return _finish(report, args.json)
+
+
+def _official_mode(r: Run) -> None:
+    """Official mode: every stage fed the official output of the stage before, the whole network, the
+    post-processing, the losses."""
+    from .checks import compare_predictions, compare_with_ties
+    from .losses import compare_losses
+    from .stages import our_batch, pixel_output
+
+    report, ours, run = r.s.report, r.s.ours, r.official
+    batch = our_batch(ours, r.x, r.sizes)
+    with torch.no_grad():
+        feats = ours.backbone(batch)
+        for k in sorted(run.features):
+            report.tensor("backbone", k, feats.get(k), run.features[k])
+        pd = ours.pixel_decoder(run.features, batch)
+        report.tensor("pixel_decoder", "mask_features", pd.mask_features, run.mask_features)
+        for i, (a, b) in enumerate(zip(pd.multi_scale_features, run.multi_scale)):
+            report.tensor("pixel_decoder", f"multi_scale[{i}]", a, b)
+        head = ours.predictor(pixel_output(ours, run.mask_features, run.multi_scale), batch)
+        compare_with_ties(report, "predictor", head, run.outputs)
+        perm = compare_with_ties(report, "whole model", ours.network(batch), run.outputs)
+    preds, raw_u = _our_predictions(ours, r.images, r.out_sizes)
+    post = ours.postprocessor
+    things = set(post.thing_classes) if "panoptic" in post.tasks else None
+    for i in range(len(r.images)):
+        compare_predictions(
+            report,
+            f"postprocess img{i}",
+            r.res_o[i],
+            preds[i],
+            r.raw_o.final.logits[i],
+            raw_u.final.logits[i],
+            None if perm is None else perm[i],
+            r.args.mask_tol,
+            int(r.s.off.test_topk_per_image),
+            things,
+        )
+    if r.args.losses:
+        a = r.args
+        compare_losses(
+            report, r.s.off, ours, run.multi_scale, run.mask_features, batch, a.seed, a.loss_rtol, a.device
+        )
+
+
+def _aware_mode(r: Run) -> None:
+    """Padding-aware mode: per stage and whole, post-processing, the official model with more padding, and the
+    unpadded crop that must match."""
+    from .aware import aware_checks, aware_postprocess, official_padding_sensitivity, unpadded_check
+    from .stages import official_batch
+
+    report, off = r.s.report, r.s.off
+    aware = _aware_model(r.s, r.args.config, r.args.device)
+    aware_checks(report, off, aware, r.official, r.x, r.sizes)
+    preds, _ = _our_predictions(aware, r.images, r.out_sizes)
+    for i in range(len(r.images)):
+        aware_postprocess(report, f"aware postprocess img{i}", r.res_o[i], preds[i])
+    official_padding_sensitivity(report, off, r.images, r.out_sizes, r.res_o)
+    crops = [unpadded_crop(im, off.size_divisibility) for im in r.images[:1]]
+    xc, sizes_c = official_batch(off, crops)
+    unpadded_check(report, off, aware, xc, sizes_c)
 
 
 def _finish(report: Report, json_path: Path | None) -> int:
