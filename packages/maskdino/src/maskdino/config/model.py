@@ -90,8 +90,8 @@ class PixelDecoderConfig:
     mask_dim: int = _pos(256)  # SEM_SEG_HEAD.MASK_DIM
     num_encoder_layers: int = _nonneg(6)  # SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS
     dim_feedforward: int = _pos(2048)  # SEM_SEG_HEAD.DIM_FEEDFORWARD
-    nheads: int = _pos(8)  # MaskDINO.NHEADS (shared with the decoder in the official code)
-    n_points: int = _pos(4)  # SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS
+    nheads: int = _pos(8)  # MaskDINO.NHEADS (the official encoder reads it; its decoder layers always use 8 heads)
+    n_points: int = _pos(4)  # the official encoder hard-codes 4 (it ignores ..._ENCODER_N_POINTS)
     dropout: float = field(default=0.0, metadata=PROB)  # MaskDINO.DROPOUT
     #: SEM_SEG_HEAD.NUM_FEATURE_LEVELS (kept for parity; unused by the official code)
     num_feature_levels: int = _pos(3)
