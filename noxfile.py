@@ -2,7 +2,7 @@
 
     nox -s demo      # the main job: synthetic data -> train tiny model on CPU -> evaluate -> pictures
     nox -s tests     # every package's tests and the cross-package tests (what CI runs)
-    nox -s lint      # ruff
+    nox -s lint      # ruff check, ruff format --check, mypy (the same as the pre-commit hooks)
     nox -s bench     # kernel and end-to-end benchmarks
     nox -s train -- --config ...   /   nox -s eval -- --config ... --weights ...
 
@@ -44,6 +44,9 @@ THIRD_PARTY = [
     "wheel",
 ]
 TEST_DEPS = ["pytest", "pytest-xdist", "hypothesis"]
+# the optional export extra of maskdino (`pip install "maskdino[export]"`) and the evaluation backends, tested in CI
+EXTRAS = ["onnx", "onnxscript", "onnxruntime", "openvino", "hotcoco", "ultrafast-pycocotools"]
+LINT_DEPS = ["ruff", "mypy"]
 # Order matters: each package depends only on the ones before it.
 PACKAGES = ["packages/deform-attn", "packages/coco-eval", "packages/detr-core", "packages/maskdino"]
 
@@ -69,7 +72,7 @@ def _sources_digest() -> str:
             ):
                 h.update(str(path.relative_to(ROOT)).encode())
                 h.update(path.read_bytes())
-    h.update(" ".join(TORCH + THIRD_PARTY + TEST_DEPS).encode())
+    h.update(" ".join(TORCH + THIRD_PARTY + EXTRAS + TEST_DEPS + LINT_DEPS).encode())
     return h.hexdigest()
 
 
@@ -84,7 +87,7 @@ def _shared_env(session: nox.Session) -> dict[str, str]:
         session.log("shared environment is up to date (.nox/shared)")
         return env
     pip = [str(BIN / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    session.run(*pip, *TORCH, *THIRD_PARTY, *TEST_DEPS, "ruff", external=True, env=env)
+    session.run(*pip, *TORCH, *THIRD_PARTY, *EXTRAS, *TEST_DEPS, *LINT_DEPS, external=True, env=env)
     # --no-build-isolation: the extension compiles against the torch installed above instead of a
     # fresh (multi-GB) torch in an isolated build environment.
     editable = [arg for pkg in PACKAGES for arg in ("-e", str(ROOT / pkg))]
@@ -111,9 +114,11 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff check and format check."""
+    """ruff check, ruff format --check and mypy over the four packages (configured in pyproject.toml)."""
     env = _shared_env(session)
     session.run(str(BIN / "ruff"), "check", ".", external=True, env=env)
+    session.run(str(BIN / "ruff"), "format", "--check", ".", external=True, env=env)
+    session.run(str(BIN / "mypy"), external=True, env=env)
 
 
 @nox.session

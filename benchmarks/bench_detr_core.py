@@ -22,14 +22,15 @@ from detr_core import box_ops
 from detr_core.denoising import DenoisingMeta
 from detr_core.losses import BoxLoss, FocalLabelLoss, SetCriterion, expand_weight_dict
 from detr_core.matcher import BoxL1Cost, FocalClassCost, GIoUCost, HungarianMatcher
+from detr_core.outputs import DenoisingPredictions, DetectionOutputs, QueryPredictions
 
 
 @torch.no_grad()
 def naive_matcher(outputs, targets, alpha=0.25, gamma=2.0, w_class=2.0, w_bbox=5.0, w_giou=2.0):
     """DETR-style batched matcher: costs over all B*Q predictions x all targets of the batch, then split."""
-    bs, nq = outputs["pred_logits"].shape[:2]
-    prob = outputs["pred_logits"].flatten(0, 1).sigmoid()
-    boxes = outputs["pred_boxes"].flatten(0, 1)
+    bs, nq = outputs.logits.shape[:2]
+    prob = outputs.logits.flatten(0, 1).sigmoid()
+    boxes = outputs.boxes.flatten(0, 1)
     tgt_ids = torch.cat([t["labels"] for t in targets])
     tgt_boxes = torch.cat([t["boxes"] for t in targets])
     neg = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
@@ -51,10 +52,7 @@ def naive_matcher(outputs, targets, alpha=0.25, gamma=2.0, w_class=2.0, w_bbox=5
 def make_level(b, q, c, g, requires_grad=False):
     logits = torch.randn(b, q, c, generator=g)
     boxes = torch.rand(b, q, 4, generator=g) * 0.5 + 0.25
-    return {
-        "pred_logits": logits.requires_grad_(requires_grad),
-        "pred_boxes": boxes.requires_grad_(requires_grad),
-    }
+    return QueryPredictions(logits.requires_grad_(requires_grad), boxes.requires_grad_(requires_grad))
 
 
 def make_targets(b, n, c, g):
@@ -109,13 +107,17 @@ def main():
     meta = DenoisingMeta(pad_size=groups * n, num_groups=groups, single_pad=n)
 
     def full_outputs():
-        out = make_level(b, q, c, g, True)
-        out["aux_outputs"] = [make_level(b, q, c, g, True) for _ in range(num_aux)]
-        out["interm_outputs"] = make_level(b, q, c, g, True)
-        dn = make_level(b, meta.pad_size, c, g, True)
-        dn["aux_outputs"] = [make_level(b, meta.pad_size, c, g, True) for _ in range(num_aux)]
-        out["dn_outputs"], out["dn_meta"] = dn, meta
-        return out
+        dn = DenoisingPredictions(
+            make_level(b, meta.pad_size, c, g, True),
+            [make_level(b, meta.pad_size, c, g, True) for _ in range(num_aux)],
+            meta,
+        )
+        return DetectionOutputs(
+            final=make_level(b, q, c, g, True),
+            aux=[make_level(b, q, c, g, True) for _ in range(num_aux)],
+            interm=make_level(b, q, c, g, True),
+            denoising=dn,
+        )
 
     for name, m in (("ours", matcher), ("naive", naive_matcher)):
         crit = SetCriterion(m, losses, weights)

@@ -8,10 +8,10 @@ architecture, 52.06 M parameters), random init, eval mode, ``model.predict`` on 
 The reference op is swapped in by monkeypatching ``deform_attn.modules.ms_deform_attn`` (the function every
 ``MSDeformAttn`` module calls). Per-stage times come from forward hooks on ``model.backbone``,
 ``model.pixel_decoder`` and ``model.predictor`` and a timer around the post-processing call
-(``maskdino.model.postprocess_image``); "other" = pre-processing and glue. Times are medians over
+(``maskdino.modeling.postprocess.postprocess_image``); "other" = pre-processing and glue. Times are medians over
 ``--repeat`` runs after one warm-up run (the fastest run is printed as well).
 
-Like the ``maskdino`` command line, the benchmark first calls ``maskdino.allocator.retain_freed_memory`` (glibc
+Like the ``maskdino`` command line, the benchmark first calls ``maskdino.cpu_inference.allocator.retain_freed_memory`` (glibc
 malloc keeps freed memory for reuse instead of page-faulting it in again); ``--default-malloc`` measures with
 glibc's defaults instead.
 
@@ -38,10 +38,10 @@ import torch
 
 import deform_attn
 import deform_attn.modules
-import maskdino.model as maskdino_model
-from maskdino.allocator import retain_freed_memory
+import maskdino.modeling.postprocess as maskdino_post
 from maskdino.config import get_preset
-from maskdino.model import build_model
+from maskdino.cpu_inference.allocator import retain_freed_memory
+from maskdino.modeling.model import build_model
 
 STAGES = ("backbone", "pixel_decoder", "predictor", "postprocess")
 
@@ -70,7 +70,7 @@ class StageTimer:
             mod = getattr(model, name)
             self._handles.append(mod.register_forward_pre_hook(self._pre(name)))
             self._handles.append(mod.register_forward_hook(self._post(name)))
-        self._orig_post = maskdino_model.postprocess_image
+        self._orig_post = maskdino_post.postprocess_image
 
         def timed_postprocess(*args, **kwargs):
             self.sync()
@@ -81,7 +81,7 @@ class StageTimer:
             self.cpu["postprocess"] += time.process_time() - c0
             return out
 
-        maskdino_model.postprocess_image = timed_postprocess
+        maskdino_post.postprocess_image = timed_postprocess
 
     def _pre(self, name: str):
         def hook(module, args):
@@ -106,7 +106,7 @@ class StageTimer:
     def close(self) -> None:
         for h in self._handles:
             h.remove()
-        maskdino_model.postprocess_image = self._orig_post
+        maskdino_post.postprocess_image = self._orig_post
 
 
 def run(model, image: torch.Tensor, repeat: int, sync: Callable[[], None], autocast=None) -> dict[str, float]:
@@ -164,7 +164,7 @@ def main() -> None:
         "--default-malloc",
         action="store_true",
         help="keep glibc's default malloc settings (the CLI, like this benchmark by default, calls "
-        "maskdino.allocator.retain_freed_memory)",
+        "maskdino.cpu_inference.allocator.retain_freed_memory)",
     )
     args = parser.parse_args()
     malloc = "glibc defaults" if args.default_malloc else "retain_freed_memory"

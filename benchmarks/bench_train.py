@@ -51,9 +51,9 @@ def child(spec: dict) -> dict:
 
     import deform_attn
     import deform_attn.modules as modules
-    from maskdino.engine.config import get_experiment
+    from maskdino.config import get_experiment
     from maskdino.engine.optim import build_optimizer, clip_gradients
-    from maskdino.model import build_model
+    from maskdino.modeling.model import build_model
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])

@@ -15,11 +15,12 @@ from torch import Tensor, nn
 
 from detr_core import box_ops
 from detr_core.decoder import DeformableDecoder, look_forward_twice
-from detr_core.denoising import build_denoising_queries, split_denoising_outputs
+from detr_core.denoising import build_denoising_queries
 from detr_core.encoder import DeformableEncoder, level_start_index
 from detr_core.layers import MLP
 from detr_core.losses import BoxLoss, FocalLabelLoss, SetCriterion, expand_weight_dict
 from detr_core.matcher import BoxL1Cost, FocalClassCost, GIoUCost, HungarianMatcher
+from detr_core.outputs import DetectionOutputs, QueryPredictions, split_denoising
 from detr_core.position_encoding import PositionEmbeddingSine
 from detr_core.query_selection import QuerySelectionHead
 
@@ -101,12 +102,9 @@ class TinyDINO(nn.Module):
         self.decoder = DeformableDecoder(dec_layers, n_points=n_points, **layer_kwargs)
         self.decoder.bbox_embed = self.bbox_embed
 
-    def _heads(self, hs: Tensor, boxes: Tensor) -> dict[str, Tensor]:
-        return {"pred_logits": self.class_embed(hs), "pred_boxes": boxes}
-
-    def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None) -> dict:
-        """Returns DETR-style outputs: ``pred_logits (B, Q, C)``, ``pred_boxes (B, Q, 4)``, ``aux_outputs``,
-        ``interm_outputs`` and, when ``targets`` are given in training, ``dn_outputs`` / ``dn_meta``."""
+    def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None) -> DetectionOutputs:
+        """Final, auxiliary and encoder predictions (``logits (B, Q, C)``, ``boxes (B, Q, 4)``) and, when
+        ``targets`` are given in training, the denoising queries' predictions."""
         f0 = self.stem(images)
         feats = [f0, self.down(f0)]
         srcs, poss, shapes = [], [], []
@@ -137,19 +135,12 @@ class TinyDINO(nn.Module):
             tgt, memory, refs, spatial_shapes, start, valid, self_attn_mask=attn_mask
         )
         boxes = look_forward_twice(hs, references[:-1], self.bbox_embed)
-        levels = [self._heads(h, b) for h, b in zip(hs, boxes)]
-        meta = dn.meta if dn is not None else None
-        split = []
-        for level in levels:
-            d, m = zip(*(split_denoising_outputs(v, meta) for v in level.values()))
-            split.append((dict(zip(level, d)), dict(zip(level, m))))
-        out = dict(split[-1][1])
-        out["aux_outputs"] = [m for _, m in split[:-1]]
-        out["interm_outputs"] = {"pred_logits": sel.logits, "pred_boxes": sel.boxes_unsigmoid.sigmoid()}
-        if meta is not None:
-            out["dn_outputs"] = dict(split[-1][0], aux_outputs=[d for d, _ in split[:-1]])
-            out["dn_meta"] = meta
-        return out
+        levels = [QueryPredictions(self.class_embed(h), b) for h, b in zip(hs, boxes)]
+        denoising = None
+        if dn is not None:
+            levels, denoising = split_denoising(levels, dn.meta)
+        interm = QueryPredictions(sel.logits, sel.boxes_unsigmoid.sigmoid())
+        return DetectionOutputs(final=levels[-1], aux=levels[:-1], interm=interm, denoising=denoising)
 
     @torch.no_grad()
     def predict(self, images: Tensor, top_k: int = 10) -> list[dict[str, Tensor]]:
@@ -160,12 +151,12 @@ class TinyDINO(nn.Module):
         out = self(images)
         self.train(was_training)
         h, w = images.shape[-2:]
-        prob = out["pred_logits"].sigmoid().flatten(1)  # (B, Q*C)
+        prob = out.final.logits.sigmoid().flatten(1)  # (B, Q*C)
         scores, idx = prob.topk(top_k, dim=1)
         q_idx, labels = idx // self.num_classes, idx % self.num_classes
         results = []
         for b in range(images.shape[0]):
-            boxes = box_ops.denormalize_boxes(out["pred_boxes"][b, q_idx[b]], (h, w))
+            boxes = box_ops.denormalize_boxes(out.final.boxes[b, q_idx[b]], (h, w))
             results.append({"boxes": boxes, "scores": scores[b], "labels": labels[b]})
         return results
 

@@ -161,12 +161,15 @@ def test_indices_and_split():
     assert split_denoising_outputs(x, None)[0] is None
 
 
-def test_split_denoising_level_splits_every_tensor_and_keeps_none():
-    from detr_core.denoising import DenoisingMeta, split_denoising_level
+def test_split_denoising_splits_every_level_and_keeps_none():
+    from detr_core.denoising import DenoisingMeta
+    from detr_core.outputs import QueryPredictions, split_denoising
 
     meta = DenoisingMeta(pad_size=4, num_groups=2, single_pad=2)
-    level = {"pred_logits": torch.randn(2, 7, 3), "pred_boxes": torch.rand(2, 7, 4), "pred_masks": None}
-    dn, match = split_denoising_level(level, meta)
-    assert set(dn) == set(match) == set(level) and dn["pred_masks"] is None and match["pred_masks"] is None
-    assert torch.equal(dn["pred_logits"], level["pred_logits"][:, :4])
-    assert torch.equal(match["pred_boxes"], level["pred_boxes"][:, 4:])
+    levels = [QueryPredictions(torch.randn(2, 7, 3), torch.rand(2, 7, 4), None) for _ in range(3)]
+    match, dn = split_denoising(levels, meta)
+    assert len(match) == 3 and len(dn.aux) == 2 and dn.final.masks is None and match[0].masks is None
+    assert torch.equal(dn.final.logits, levels[-1].logits[:, :4])
+    assert torch.equal(dn.aux[0].boxes, levels[0].boxes[:, :4])
+    assert torch.equal(match[-1].boxes, levels[-1].boxes[:, 4:])
+    assert dn.meta is meta and list(dn.levels()) == [None, 0, 1]

@@ -22,6 +22,8 @@ from detr_core.losses import (
     uncertain_point_coords_with_randomness,
 )
 from detr_core.matcher import BoxL1Cost, FocalClassCost, HungarianMatcher
+from detr_core.outputs import DenoisingPredictions, DetectionOutputs
+from detr_core.outputs import QueryPredictions as P
 
 
 def test_sigmoid_focal_loss_against_loop():
@@ -99,10 +101,10 @@ def test_uncertain_points_prefer_boundary():
 
 def _outputs(b=2, q=5, c=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {
-        "pred_logits": torch.randn(b, q, c, generator=g, requires_grad=True),
-        "pred_boxes": (torch.rand(b, q, 4, generator=g) * 0.4 + 0.3).requires_grad_(),
-    }
+    return P(
+        logits=torch.randn(b, q, c, generator=g, requires_grad=True),
+        boxes=(torch.rand(b, q, 4, generator=g) * 0.4 + 0.3).requires_grad_(),
+    )
 
 
 def _targets():
@@ -119,9 +121,9 @@ def test_focal_label_loss_uses_matches():
     onehot = torch.zeros(2, 5, 3)
     onehot[0, 3, 0] = 1
     onehot[0, 1, 2] = 1
-    assert torch.allclose(loss, sigmoid_focal_loss(out["pred_logits"], onehot, 2.0))
+    assert torch.allclose(loss, sigmoid_focal_loss(out.logits, onehot, 2.0))
     ce = CrossEntropyLabelLoss(2)(
-        {"pred_logits": out["pred_logits"]},
+        P(logits=out.logits),
         _targets(),
         [(torch.tensor([0]), torch.tensor([0])), indices[1]],
         1.0,
@@ -148,24 +150,22 @@ def _criterion(**kw):
 
 def test_set_criterion_keys_matching_and_dn_normaliser():
     m, crit = _criterion()
-    out = _outputs()
-    out["aux_outputs"] = [_outputs(seed=1), _outputs(seed=2)]
-    out["interm_outputs"] = _outputs(seed=3)
     meta = DenoisingMeta(pad_size=4, num_groups=2, single_pad=2)
-    dn = _outputs(q=4, seed=4)
-    dn["aux_outputs"] = [_outputs(q=4, seed=5), _outputs(q=4, seed=6)]
-    out["dn_outputs"], out["dn_meta"] = dn, meta
+    dn = DenoisingPredictions(_outputs(q=4, seed=4), [_outputs(q=4, seed=5), _outputs(q=4, seed=6)], meta)
+    out = DetectionOutputs(
+        final=_outputs(), aux=[_outputs(seed=1), _outputs(seed=2)], interm=_outputs(seed=3), denoising=dn
+    )
     losses = crit(out, _targets())
     assert m.calls == 4  # final + 2 aux + interm; denoising is never matched
     base = ["loss_ce", "loss_bbox", "loss_giou"]
     suffixes = ["", "_0", "_1", "_interm", "_dn", "_dn_0", "_dn_1"]
     assert set(losses) == {k + s for k in base for s in suffixes}
     # denoising: slot g*2+j <-> target j, normaliser num_boxes (2) * num_groups (2)
-    src = dn["pred_boxes"][0, [0, 1, 2, 3]]
+    src = dn.final.boxes[0, [0, 1, 2, 3]]
     tgt = _targets()[0]["boxes"][[0, 1, 0, 1]]
     assert torch.allclose(losses["loss_bbox_dn"], (src - tgt).abs().sum() / 4)
     # the denoising part alone gives the same _dn losses
-    dn_only = crit.denoising_losses(dn, _targets(), meta, 2.0)
+    dn_only = crit.denoising_losses(dn, _targets(), 2.0)
     assert set(dn_only) == {k for k in losses if "_dn" in k}
     for k, v in dn_only.items():
         torch.testing.assert_close(v, losses[k])
@@ -173,7 +173,7 @@ def test_set_criterion_keys_matching_and_dn_normaliser():
     assert set(weighted) == set(losses)
     assert torch.allclose(weighted["loss_bbox_dn_1"], losses["loss_bbox_dn_1"] * 5.0)
     sum(weighted.values()).backward()
-    assert out["pred_boxes"].grad is not None and dn["pred_boxes"].grad is not None
+    assert out.final.boxes.grad is not None and dn.final.boxes.grad is not None
 
 
 def test_set_criterion_order_is_dino_order():
@@ -182,21 +182,22 @@ def test_set_criterion_order_is_dino_order():
     calls = []
 
     class Recording:
-        def __call__(self, outputs, targets, indices, num_boxes):
-            calls.append(outputs["tag"])
-            return {"loss_x": outputs["pred_boxes"].sum() * 0.0}
+        def __call__(self, pred, targets, indices, num_boxes):
+            calls.append(tags[id(pred)])
+            return {"loss_x": pred.boxes.sum() * 0.0}
+
+    tags = {}
 
     def level(tag, q=3):
         d = _outputs(q=q)
-        d["tag"] = tag
+        tags[id(d)] = tag
         return d
 
-    out = level("final")
-    out["aux_outputs"] = [level("aux0"), level("aux1")]
-    out["interm_outputs"] = level("interm")
-    dn = level("final_dn", q=4)
-    dn["aux_outputs"] = [level("aux0_dn", q=4), level("aux1_dn", q=4)]
-    out["dn_outputs"], out["dn_meta"] = dn, DenoisingMeta(pad_size=4, num_groups=2, single_pad=2)
+    meta = DenoisingMeta(pad_size=4, num_groups=2, single_pad=2)
+    dn = DenoisingPredictions(level("final_dn", q=4), [level("aux0_dn", q=4), level("aux1_dn", q=4)], meta)
+    out = DetectionOutputs(
+        final=level("final"), aux=[level("aux0"), level("aux1")], interm=level("interm"), denoising=dn
+    )
     crit = SetCriterion(CountingMatcher(), {"x": Recording()}, {})
     losses = crit(out, _targets())
     assert calls == ["final", "final_dn", "aux0", "aux0_dn", "aux1", "aux1_dn", "interm"]
@@ -213,11 +214,10 @@ def test_set_criterion_order_is_dino_order():
 
 def test_set_criterion_without_dn_and_padding():
     _, crit = _criterion()
-    losses = crit(_outputs(), _targets())
+    losses = crit(DetectionOutputs(_outputs()), _targets())
     assert set(losses) == {"loss_ce", "loss_bbox", "loss_giou"}
     _, crit = _criterion(pad_missing_dn=True, dn_losses=["boxes"])
-    out = _outputs()
-    out["aux_outputs"] = [_outputs(seed=1)]
+    out = DetectionOutputs(_outputs(), aux=[_outputs(seed=1)])
     losses = crit(out, _targets())
     assert {"loss_bbox_dn", "loss_giou_dn", "loss_bbox_dn_0"} <= set(losses) and "loss_ce_dn" not in losses
     assert losses["loss_bbox_dn"].item() == 0.0 and losses["loss_bbox_dn"].requires_grad
@@ -228,7 +228,7 @@ def test_set_criterion_without_dn_and_padding():
 def test_set_criterion_all_images_empty():
     _, crit = _criterion()
     t = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}] * 2
-    losses = crit(_outputs(), t)
+    losses = crit(DetectionOutputs(_outputs()), t)
     assert losses["loss_bbox"].item() == 0.0 and losses["loss_giou"].item() == 0.0
     assert losses["loss_ce"].item() > 0  # all queries are pushed to background, normaliser clamped to 1
 
@@ -245,7 +245,7 @@ def test_point_mask_loss_matches_manual_sampling():
         oversample_ratio=1.0,
         importance_sample_ratio=0.0,
         generator=torch.Generator().manual_seed(5),
-    )({"pred_masks": pred}, targets, indices, 2.0)
+    )(P(logits=torch.zeros(2, 4, 1), masks=pred), targets, indices, 2.0)
     srcs = [pred[0, 2], pred[0, 0], pred[1, 3]]
     tgts = [targets[0]["masks"][1], targets[0]["masks"][2], targets[1]["masks"][0]]
     ce = dice = 0.0
@@ -263,7 +263,7 @@ def test_point_mask_loss_matches_manual_sampling():
     loss["loss_mask"].backward()
     assert pred.grad[0, 1].abs().sum() == 0 and pred.grad[0, 2].abs().sum() > 0
     empty = PointMaskLoss(num_points=8)(
-        {"pred_masks": pred}, targets, [(torch.zeros(0, dtype=torch.long),) * 2] * 2, 1.0
+        P(logits=torch.zeros(2, 4, 1), masks=pred), targets, [(torch.zeros(0, dtype=torch.long),) * 2] * 2, 1.0
     )
     assert empty["loss_mask"].item() == 0.0
 
@@ -289,7 +289,7 @@ def test_point_mask_loss_half_predictions_match_float32():
 
     def run(p):
         fn = PointMaskLoss(num_points=64, generator=torch.Generator().manual_seed(2))
-        return fn({"pred_masks": p}, targets, indices, 2.0)
+        return fn(P(logits=torch.zeros(1, 3, 1), masks=p), targets, indices, 2.0)
 
     half, full = run(pred), run(pred.float())
     for k in ("loss_mask", "loss_dice"):

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from detr_core import box_ops
 from detr_core.matcher import BoxL1Cost, FocalClassCost, GIoUCost, HungarianMatcher, SoftmaxClassCost
+from detr_core.outputs import QueryPredictions as P
 
 
 class MatrixCost:
@@ -45,7 +46,7 @@ def test_hungarian_matches_brute_force(shapes, seed):
         {"labels": torch.zeros(n, dtype=torch.long), "image": torch.tensor(i)}
         for i, (_, n) in enumerate(shapes)
     ]
-    outputs = {"pred_logits": torch.zeros(len(shapes), q, 2)}
+    outputs = P(logits=torch.zeros(len(shapes), q, 2))
     matcher = HungarianMatcher([MatrixCost(mats, weight=1.0)])
     indices = matcher(outputs, targets)
     for (rows, cols), cost in zip(indices, mats):
@@ -61,7 +62,7 @@ def test_weights_combine_terms():
     c1 = [torch.tensor([[0.0, 1.0], [1.0, 0.0]])]
     c2 = [torch.tensor([[10.0, 0.0], [0.0, 10.0]])]
     targets = [{"labels": torch.zeros(2, dtype=torch.long), "image": torch.tensor(0)}]
-    out = {"pred_logits": torch.zeros(1, 2, 1)}
+    out = P(logits=torch.zeros(1, 2, 1))
     rows, cols = HungarianMatcher([MatrixCost(c1, 1.0), MatrixCost(c2, 0.01)])(out, targets)[0]
     assert cols[rows.argsort()].tolist() == [0, 1]
     rows, cols = HungarianMatcher([MatrixCost(c1, 1.0), MatrixCost(c2, 1.0)])(out, targets)[0]
@@ -75,7 +76,7 @@ def test_weights_combine_terms():
 def test_focal_cost_against_loop():
     logits = torch.randn(4, 3)
     labels = torch.tensor([2, 0])
-    cost = FocalClassCost(1.0)({"pred_logits": logits}, {"labels": labels})
+    cost = FocalClassCost(1.0)(P(logits=logits), {"labels": labels})
     assert cost.shape == (4, 2)
     for i in range(4):
         for j in range(2):
@@ -92,7 +93,7 @@ def test_softmax_l1_giou_costs_against_loops():
         "labels": torch.tensor([1, 3]),
         "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.2], [0.2, 0.6, 0.2, 0.2]]),
     }
-    out = {"pred_logits": logits, "pred_boxes": boxes}
+    out = P(logits=logits, boxes=boxes)
     sm = SoftmaxClassCost(1.0)(out, tgt)
     l1 = BoxL1Cost(1.0)(out, tgt)
     gi = GIoUCost(1.0)(out, tgt)
@@ -116,7 +117,7 @@ def test_builtin_terms_match_gt_boxes():
     logits[[0, 2, 3], labels[[2, 0, 1]]] = 5.0
     matcher = HungarianMatcher([FocalClassCost(2.0), BoxL1Cost(5.0), GIoUCost(2.0)])
     rows, cols = matcher(
-        {"pred_logits": logits[None], "pred_boxes": pred_boxes[None], "aux_outputs": []},
+        P(logits=logits[None], boxes=pred_boxes[None]),
         [{"labels": labels, "boxes": tgt_boxes}],
     )[0]
     assert dict(zip(rows.tolist(), cols.tolist())) == {0: 2, 2: 0, 3: 1}
@@ -124,7 +125,7 @@ def test_builtin_terms_match_gt_boxes():
 
 def test_empty_targets_and_nonfinite_error():
     matcher = HungarianMatcher([FocalClassCost(2.0), BoxL1Cost(5.0), GIoUCost(2.0)])
-    out = {"pred_logits": torch.randn(2, 3, 2), "pred_boxes": torch.rand(2, 3, 4) * 0.5 + 0.25}
+    out = P(logits=torch.randn(2, 3, 2), boxes=torch.rand(2, 3, 4) * 0.5 + 0.25)
     targets = [
         {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)},
         {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])},
@@ -132,7 +133,7 @@ def test_empty_targets_and_nonfinite_error():
     idx = matcher(out, targets)
     assert idx[0][0].numel() == 0 and idx[0][1].numel() == 0 and idx[0][0].dtype == torch.long
     assert len(idx[1][0]) == 1
-    out["pred_boxes"][1, 0, 0] = float("nan")
+    out.boxes[1, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="BoxL1Cost"):
         matcher(out, targets)
     with pytest.raises(ValueError):
@@ -145,7 +146,7 @@ def test_point_mask_cost_draws_its_points_for_an_image_without_targets():
 
     g = torch.Generator().manual_seed(7)
     matcher = HungarianMatcher([PointMaskCost(5.0, 5.0, num_points=20, generator=g), FocalClassCost(2.0)])
-    out = {"pred_logits": torch.randn(3, 4, 2), "pred_masks": torch.randn(3, 4, 8, 8)}
+    out = P(logits=torch.randn(3, 4, 2), masks=torch.randn(3, 4, 8, 8))
     empty = {"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 8, 8, dtype=torch.bool)}
     full = {"labels": torch.tensor([0, 1]), "masks": torch.rand(2, 8, 8) > 0.5}
     matcher(out, [empty, full, empty])
@@ -163,7 +164,7 @@ def test_point_mask_cost_against_pairwise_losses():
     pred = torch.randn(3, 8, 8)
     tgt = torch.rand(2, 16, 16) > 0.5
     cost = PointMaskCost(5.0, 5.0, num_points=50, generator=torch.Generator().manual_seed(3))
-    c = cost({"pred_masks": pred}, {"masks": tgt})
+    c = cost(P(logits=torch.zeros(3, 1), masks=pred), {"masks": tgt})
     coords = torch.rand(1, 50, 2, generator=torch.Generator().manual_seed(3))
     for i in range(3):
         for j in range(2):
@@ -180,18 +181,25 @@ def test_point_mask_cost_is_float32_under_autocast_and_skipped_at_zero_weight():
     pred = torch.randn(3, 8, 8)
     tgt = torch.rand(2, 16, 16) > 0.5
     ref = PointMaskCost(2.0, 3.0, num_points=64, generator=torch.Generator().manual_seed(1))(
-        {"pred_masks": pred.bfloat16().float()}, {"masks": tgt}
+        P(logits=torch.zeros(3, 1), masks=pred.bfloat16().float()), {"masks": tgt}
     )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         c = PointMaskCost(2.0, 3.0, num_points=64, generator=torch.Generator().manual_seed(1))(
-            {"pred_masks": pred.bfloat16()}, {"masks": tgt}
+            P(logits=torch.zeros(3, 1), masks=pred.bfloat16()), {"masks": tgt}
         )
     assert c.dtype == torch.float32 and torch.equal(c, ref)
     # both weights 0: weight 0, so HungarianMatcher skips the term (and draws no random points)
     assert PointMaskCost(0.0, 0.0).weight == 0.0 and PointMaskCost(0.0, 1.0).weight == 1.0
     matcher = HungarianMatcher([PointMaskCost(0.0, 0.0), BoxL1Cost(1.0)])
-    out = {"pred_logits": torch.zeros(1, 3, 2), "pred_boxes": torch.rand(1, 3, 4), "pred_masks": pred[None]}
+    out = P(logits=torch.zeros(1, 3, 2), boxes=torch.rand(1, 3, 4), masks=pred[None])
     target = {"labels": torch.tensor([0, 1]), "boxes": torch.rand(2, 4), "masks": tgt}
     state = torch.get_rng_state()
     matcher(out, [target])
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_missing_prediction_field_is_named():
+    matcher = HungarianMatcher([FocalClassCost(2.0), BoxL1Cost(5.0)])
+    target = {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}
+    with pytest.raises(ValueError, match="BoxL1Cost needs predicted boxes"):
+        matcher(P(logits=torch.zeros(1, 3, 2)), [target])

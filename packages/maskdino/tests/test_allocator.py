@@ -1,4 +1,4 @@
-"""``maskdino.allocator.retain_freed_memory``: freed CPU memory is reused without new page faults."""
+"""``maskdino.cpu_inference.allocator.retain_freed_memory``: freed CPU memory is reused without new page faults."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ _PROBE = """
 import json, resource, sys, torch
 applied = None
 if sys.argv[1] == "retain":
-    from maskdino.allocator import retain_freed_memory
+    from maskdino.cpu_inference.allocator import retain_freed_memory
     applied = [retain_freed_memory(), retain_freed_memory()]
 n = 24 * 2**20  # float32 elements: 96 MiB
 faults = []

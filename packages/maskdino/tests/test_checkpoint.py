@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import pickle
 import re
 from pathlib import Path
 
@@ -11,19 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from maskdino import checkpoint as ckpt
-from maskdino.checkpoint import (
-    CheckpointMismatchError,
-    convert_official_state_dict,
+from detr_core.checkpoint import (
+    KeyMapError,
     load_into_model,
-    load_official_checkpoint,
     load_state_dict_file,
     match_aliases,
-    save_checkpoint,
 )
+from maskdino.checkpoints import ALIASES, convert_official_state_dict, load_official_checkpoint
+from maskdino.cli.convert import convert_main
 from maskdino.config import get_preset
-from maskdino.convert import convert_main
-from maskdino.model import build_model
+from maskdino.modeling.model import build_model
 
 SPEC = Path(__file__).resolve().parents[3] / ".." / "shared" / "spec" / "official-keys"
 OFFICIAL = {
@@ -88,7 +83,7 @@ def test_official_keys_map_exactly_onto_our_model(preset):
         model = build_model(get_preset(preset))
     own = model.state_dict()
     assert sum(p.numel() for p in model.parameters()) == OFFICIAL_PARAMS[preset]
-    converted = match_aliases(convert_official_state_dict(official), own.keys())
+    converted = match_aliases(convert_official_state_dict(official), own.keys(), ALIASES)
     assert sorted(converted) == sorted(own), "no key left over either way"
     for k, v in converted.items():
         assert v.shape == own[k].shape, k
@@ -140,13 +135,13 @@ def test_untied_aliases_are_rejected():
         "sem_seg_head.predictor.bbox_embed.0.layers.0.weight": torch.zeros(2, 2),
         "sem_seg_head.predictor.decoder.bbox_embed.0.layers.0.weight": torch.ones(2, 2),
     }
-    with pytest.raises(ValueError, match="decoder.bbox_embed.0"):
+    with pytest.raises(KeyMapError, match="decoder.bbox_embed.0"):
         convert_official_state_dict(sd, backbone="swin")
     sd = {
         "sem_seg_head.predictor.decoder_norm.weight": torch.zeros(3),
         "sem_seg_head.predictor.decoder.norm.weight": torch.ones(3),
     }
-    with pytest.raises(ValueError, match="decoder.norm"):
+    with pytest.raises(KeyMapError, match="decoder.norm"):
         convert_official_state_dict(sd, backbone="swin")
 
 
@@ -163,115 +158,6 @@ def test_resnet_key_rules_by_hand():
     }
     out = convert_official_state_dict({k: torch.zeros(1) for k in [*keys, "criterion.empty_weight"]})
     assert sorted(out) == sorted(keys.values())
-
-
-def test_strict_load_names_every_missing_and_unexpected_key():
-    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
-    sd = dict(model.state_dict())
-    del sd["1.bias"]
-    sd["2.weight"] = torch.zeros(1)
-    sd["0.weight"] = torch.zeros(4, 4)
-    with pytest.raises(CheckpointMismatchError) as err:
-        load_into_model(model, sd, strict=True)
-    msg = str(err.value)
-    assert "1.bias" in msg and "2.weight" in msg and "0.weight: (4, 4) vs (3, 2)" in msg
-    report = load_into_model(model, sd, strict=False)
-    assert report.missing == ["1.bias"] and report.unexpected == ["2.weight"] and not report.ok
-
-
-# ------------------------------------------------------------------------------------------------ I/O
-
-
-def test_round_trip_safetensors_and_pt_with_shared_tensors(tmp_path):
-    shared = torch.randn(3, 4)
-    sd = {"a.weight": shared, "b.weight": shared, "c": torch.arange(5), "d": torch.randn(2).half()}
-    for name in ("x.safetensors", "x.pt"):
-        save_checkpoint(sd, tmp_path / name)
-        back = load_state_dict_file(tmp_path / name)
-        assert sorted(back) == sorted(sd)
-        for k in sd:
-            assert torch.equal(back[k], sd[k]) and back[k].dtype == sd[k].dtype, (name, k)
-    # detectron2-style wrapper
-    save_checkpoint({"model": sd, "iteration": 3}, tmp_path / "d2.pth")
-    assert sorted(load_state_dict_file(tmp_path / "d2.pth")) == sorted(sd)
-    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
-
-
-def test_pkl_loader_reads_numpy_and_refuses_arbitrary_objects(tmp_path):
-    arrays = {
-        "conv1.weight": np.random.default_rng(0).random((2, 3), dtype=np.float32),
-        "fc.bias": np.arange(3, dtype=np.int64),
-    }
-    good = tmp_path / "good.pkl"
-    with open(good, "wb") as f:
-        pickle.dump({"model": arrays, "__author__": "torchvision", "matching_heuristics": True}, f)
-    sd = load_state_dict_file(good)
-    assert sorted(sd) == ["conv1.weight", "fc.bias"]
-    assert torch.equal(sd["conv1.weight"], torch.from_numpy(arrays["conv1.weight"]))
-    assert sd["fc.bias"].dtype == torch.int64
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
-
-    bad = tmp_path / "bad.pkl"
-    with open(bad, "wb") as f:
-        pickle.dump({"model": {"w": np.zeros(2)}, "payload": Evil()}, f)
-    with pytest.raises(pickle.UnpicklingError, match="system"):
-        load_state_dict_file(bad)
-    assert not (tmp_path / "pwned").exists()
-    # a numpy object array could smuggle objects through __setstate__: still only allowed globals
-    with open(bad, "wb") as f:
-        pickle.dump({"model": {"w": np.array([Evil()], dtype=object)}}, f)
-    with pytest.raises(pickle.UnpicklingError):
-        load_state_dict_file(bad)
-
-
-def test_pth_with_numpy_arrays_loads_weights_only(tmp_path):
-    # some detectron2 .pth files hold numpy arrays: allowed (and nothing else)
-    path = tmp_path / "np.pth"
-    w = np.arange(6, dtype=np.float32).reshape(2, 3)
-    torch.save({"model": {"w": w, "b": torch.ones(2), "s": np.int64(3)}, "iteration": np.int64(5)}, path)
-    sd = load_state_dict_file(path)
-    assert torch.equal(sd["w"], torch.from_numpy(w)) and torch.equal(sd["b"], torch.ones(2))
-    assert sd["s"].shape == () and int(sd["s"]) == 3
-
-
-def test_pth_loader_is_weights_only(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (os.system, ("echo pwned",))
-
-    path = tmp_path / "evil.pth"
-    torch.save({"model": {"w": torch.zeros(1)}, "x": Evil()}, path)
-    with pytest.raises(pickle.UnpicklingError):
-        load_state_dict_file(path)
-
-
-@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
-def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch, suffix):
-    target = tmp_path / f"model{suffix}"
-    save_checkpoint({"w": torch.ones(3)}, target)
-    before = target.read_bytes()
-
-    def failing_save(obj, f, *args, **kwargs):
-        f.write(b"partial garbage")
-        raise OSError("disk full")
-
-    def failing_fsync(fd):
-        raise OSError("I/O error")
-
-    monkeypatch.setattr(ckpt.torch, "save", failing_save)
-    monkeypatch.setattr(ckpt.os, "fsync", failing_fsync)
-    with pytest.raises(OSError):
-        save_checkpoint({"w": torch.zeros(1000)}, target)
-    assert target.read_bytes() == before  # the old file is intact
-    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # no temp file left
-    monkeypatch.undo()
-    with pytest.raises(OSError):  # a new file that fails is never created at all
-        monkeypatch.setattr(ckpt.os, "fsync", failing_fsync)
-        save_checkpoint({"w": torch.zeros(1)}, tmp_path / f"new{suffix}")
-    assert not (tmp_path / f"new{suffix}").exists()
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -325,8 +211,60 @@ def test_convert_cli_tiny_preset_round_trip(tmp_path, capsys):
     assert "strict load" in capsys.readouterr().out
     back = load_state_dict_file(dst)
     fresh = build_model(cfg)
-    load_into_model(fresh, match_aliases(back, fresh.state_dict().keys()), strict=True)
+    load_into_model(fresh, match_aliases(back, fresh.state_dict().keys(), ALIASES), strict=True)
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, ours[k]), k
     assert convert_main([str(src), str(tmp_path / "converted.pt")]) == 0
     assert sorted(load_state_dict_file(tmp_path / "converted.pt")) == sorted(back)
+
+
+def test_converted_checkpoint_runs_in_official_mode_with_no_flag(tmp_path, capsys):
+    from maskdino.checkpoints import official_experiment
+    from maskdino.data.coco_categories import coco_metadata
+    from maskdino.inference.predictor import load_model
+
+    cfg = get_preset("tiny")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    official = to_official_layout(dict(model.state_dict()), cfg.num_classes, cfg.decoder.dec_layers)
+    src = tmp_path / "official.pth"
+    torch.save({"model": official}, src)
+    dst = tmp_path / "converted.pth"
+    assert convert_main([str(src), str(dst), "--preset", "tiny"]) == 0
+    assert "padding_mode='official'" in capsys.readouterr().out
+    loaded = load_model(dst)  # what `maskdino predict/eval --weights dst` does: no --config, no --opts
+    assert loaded.model.padding_mode == "official" and loaded.config.data.test_resize == "pil"
+    assert loaded.model.predictor.decoder.query_pos_from_scaled_reference  # the official query positions
+    for k, v in loaded.model.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    # our own training runs keep padding awareness; overriding the converted file's mode is possible
+    assert get_preset("tiny").padding_mode == "aware"
+    assert load_model(dst, opts=["model.padding_mode=aware"]).model.padding_mode == "aware"
+    # the official recipes: padding is content, the detectron2 resize, and COCO class names for COCO presets
+    exp = official_experiment("coco-panoptic-r50")
+    assert exp.model.padding_mode == "official" and exp.data.test_resize == "pil"
+    assert (exp.data.test_short_edge, exp.data.test_max_size) == (800, 1333)
+    meta = coco_metadata(panoptic=True)
+    assert meta.num_classes == 133 == exp.model.num_classes and meta.names[0] == "person"
+    assert meta.thing_classes == exp.model.inference.thing_classes
+    assert coco_metadata().num_classes == 80 and coco_metadata().dataset_ids[-1] == 90
+
+
+def test_pil_resize_is_detectron2s():
+    from PIL import Image
+
+    from maskdino.data.transforms import ResizeShortestEdge, pil_bilinear_resize
+
+    # detectron2's rounding: int(x + 0.5) of the scaled sides, the longer side capped first
+    assert ResizeShortestEdge.output_size(427, 640, 800, 1333) == (800, 1199)
+    assert ResizeShortestEdge.output_size(480, 640, 800, 1333) == (800, 1067)
+    assert ResizeShortestEdge.output_size(200, 1000, 800, 1333) == (267, 1333)
+    g = torch.Generator().manual_seed(0)
+    image = (torch.rand(3, 37, 53, generator=g) * 255).to(torch.uint8)
+    ours = pil_bilinear_resize(image, 60, 86)
+    ref = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((86, 60), Image.Resampling.BILINEAR)
+    assert torch.equal(ours, torch.from_numpy(np.asarray(ref).copy()).permute(2, 0, 1))
+    from torchvision import tv_tensors
+
+    out = ResizeShortestEdge(60, 1000, backend="pil")({"image": tv_tensors.Image(image)})["image"]
+    assert out.shape == (3, 60, 86) and torch.equal(out.as_subclass(torch.Tensor), ours)

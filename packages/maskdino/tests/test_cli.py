@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from maskdino.cli import main
-from maskdino.engine.config import apply_overrides, get_experiment
+from maskdino.config import apply_overrides, get_experiment
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def _opts(root: Path) -> list[str]:
 def checkpoint(synth, tmp_path_factory) -> Path:
     """Random tiny weights saved like a training checkpoint (with its config and class names)."""
     from maskdino.data.build import build_datasets
-    from maskdino.model import build_model
+    from maskdino.modeling.model import build_model
 
     cfg = apply_overrides(get_experiment("tiny"), _opts(synth))
     _, _, meta, _ = build_datasets(cfg.data, cfg.model.num_classes, splits=("val",))
@@ -100,13 +100,13 @@ def test_config_errors_are_reported(capsys):
 
 def test_convert_delegates(monkeypatch):
     seen = {}
-    fake = types.ModuleType("maskdino.convert")
+    fake = types.ModuleType("maskdino.cli.convert")
 
     def convert_main(argv):
         seen["argv"] = list(argv)
         return 0
 
     fake.convert_main = convert_main
-    monkeypatch.setitem(sys.modules, "maskdino.convert", fake)
+    monkeypatch.setitem(sys.modules, "maskdino.cli.convert", fake)
     assert main(["convert", "in.pkl", "out.pth", "--preset", "tiny"]) == 0
     assert seen["argv"] == ["in.pkl", "out.pth", "--preset", "tiny"]

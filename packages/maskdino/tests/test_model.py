@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from maskdino.config import get_preset
-from maskdino.model import MaskDINO, build_model
+from maskdino.modeling.model import MaskDINO, build_model
 from maskdino.structures import Prediction
 
 NUM_CLASSES = 5
@@ -115,36 +115,36 @@ def test_training_step_losses_and_gradients(model):
 def test_raw_output_shapes_train_and_eval():
     torch.manual_seed(0)
     m = build_model(tiny_cfg())
-    batch, sizes = m.preprocess(images(SIZES))
-    assert batch.shape == (2, 3, 64, 96) and sizes.tolist() == [[64, 96], [48, 64]]
+    batch = m.preprocess(images(SIZES))
+    assert batch.tensor.shape == (2, 3, 64, 96) and batch.image_sizes.tolist() == [[64, 96], [48, 64]]
+    assert batch.masked  # padding-aware mode and the second image is padded
     q, c = 50, NUM_CLASSES
     m.eval()
     with torch.no_grad():
-        out = m.network(batch, sizes)
-    assert out["pred_logits"].shape == (2, q, c)
-    assert out["pred_masks"].shape == (2, q, 16, 24)
-    assert (
-        out["pred_boxes"].shape == (2, q, 4)
-        and (out["pred_boxes"] >= 0).all()
-        and (out["pred_boxes"] <= 1).all()
-    )
-    assert len(out["aux_outputs"]) == 3  # initial prediction + decoder layers 0, 1
-    assert out["interm_outputs"]["pred_logits"].shape == (2, q, c)
-    assert "dn_outputs" not in out
+        out = m.network(batch)
+    assert out.final.logits.shape == (2, q, c)
+    assert out.final.masks.shape == (2, q, 16, 24)
+    assert out.final.boxes.shape == (2, q, 4) and (out.final.boxes >= 0).all() and (out.final.boxes <= 1).all()
+    assert len(out.aux) == 3  # initial prediction + decoder layers 0, 1
+    assert all(a.masks is None for a in out.aux)  # not computed in eval mode
+    assert out.interm.logits.shape == (2, q, c)
+    assert out.denoising is None
 
     m.train()
-    targets = m.prepare_targets(make_targets(SIZES, [3, 2]), sizes, (64, 96))
+    targets = m.prepare_targets(make_targets(SIZES, [3, 2]), batch)
     assert targets[1]["masks"].shape == (2, 64, 96) and not targets[1]["masks"][:, 48:].any()
-    out = m.network(batch, sizes, targets=targets)
-    meta = out["dn_meta"]
+    out = m.network(batch, targets=targets)
+    dn = out.denoising
+    meta = dn.meta
     assert (meta.num_groups, meta.single_pad, meta.pad_size) == (20 // 3, 3, 18)
-    dn = out["dn_outputs"]
-    assert dn["pred_logits"].shape == (2, 18, c) and dn["pred_masks"].shape == (2, 18, 16, 24)
-    assert dn["pred_boxes"].shape == (2, 18, 4) and len(dn["aux_outputs"]) == 3
-    assert out["pred_logits"].shape == (2, q, c)
-    for aux in out["aux_outputs"]:
-        assert aux["pred_masks"].shape == (2, q, 16, 24) and aux["pred_boxes"].shape == (2, q, 4)
-    assert out["interm_outputs"]["pred_masks"].shape == (2, q, 16, 24)
+    # unified denoising: the DN queries predict classes, boxes AND masks, on every level
+    assert dn.final.logits.shape == (2, 18, c) and dn.final.masks.shape == (2, 18, 16, 24)
+    assert dn.final.boxes.shape == (2, 18, 4) and len(dn.aux) == 3
+    assert all(a.masks.shape == (2, 18, 16, 24) for a in dn.aux)
+    assert out.final.logits.shape == (2, q, c)
+    for aux in out.aux:
+        assert aux.masks.shape == (2, q, 16, 24) and aux.boxes.shape == (2, q, 4)
+    assert out.interm.masks.shape == (2, q, 16, 24)
 
 
 def test_predict_all_tasks_shapes():
@@ -195,19 +195,19 @@ def test_denoising_off_and_does_not_leak_into_matching_queries():
     torch.manual_seed(0)
     m = build_model(tiny_cfg())
     m.train()
-    batch, sizes = m.preprocess(images(SIZES))
-    targets = m.prepare_targets(make_targets(SIZES, [3, 2]), sizes, (64, 96))
+    batch = m.preprocess(images(SIZES))
+    targets = m.prepare_targets(make_targets(SIZES, [3, 2]), batch)
     with torch.no_grad():
-        with_dn = m.network(batch, sizes, targets=targets)
+        with_dn = m.network(batch, targets=targets)
         m.predictor.dn = "no"
-        without = m.network(batch, sizes, targets=targets)
+        without = m.network(batch, targets=targets)
         m.predictor.dn = "seg"
-    assert "dn_outputs" not in without and "dn_outputs" in with_dn
+    assert without.denoising is None and with_dn.denoising is not None
     # the attention mask hides DN queries from the matching queries: identical matching outputs
-    for key in ("pred_logits", "pred_boxes", "pred_masks"):
-        torch.testing.assert_close(with_dn[key], without[key], atol=1e-4, rtol=1e-4)
-        for a, b in zip(with_dn["aux_outputs"], without["aux_outputs"]):
-            torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4)
+    for key in ("logits", "boxes", "masks"):
+        torch.testing.assert_close(getattr(with_dn.final, key), getattr(without.final, key), atol=1e-4, rtol=1e-4)
+        for a, b in zip(with_dn.aux, without.aux):
+            torch.testing.assert_close(getattr(a, key), getattr(b, key), atol=1e-4, rtol=1e-4)
 
     cfg = tiny_cfg(dn="no")
     m2 = build_model(cfg)
@@ -235,15 +235,14 @@ def test_box_init_types_train_and_predict(box_type):
     losses = m(images(SIZES), make_targets(SIZES, [2, 2]))
     assert all(torch.isfinite(v) for v in losses.values())
     m.eval()
-    batch, sizes = m.preprocess(images(SIZES))
     with torch.no_grad():
-        out = m.network(batch, sizes)
-    initial = out["aux_outputs"][0]["pred_boxes"]  # the decoder's first anchors
+        out = m.network(m.preprocess(images(SIZES)))
+    initial = out.aux[0].boxes  # the decoder's first anchors
     if box_type == "no":
         # anchors = selected proposals refined by the encoder box head (= the interm boxes)
-        torch.testing.assert_close(initial, out["interm_outputs"]["pred_boxes"])
+        torch.testing.assert_close(initial, out.interm.boxes)
     else:
-        assert not torch.allclose(initial, out["interm_outputs"]["pred_boxes"])
+        assert not torch.allclose(initial, out.interm.boxes)
 
 
 def _instances_close(a, b, atol=1e-4):
@@ -259,11 +258,10 @@ def test_padding_invariance():
     m.eval()
     small, big = images([(70, 90), (100, 128)], seed=3)
     with torch.no_grad():
-        ba, sa = m.preprocess([small])
-        bb, sb = m.preprocess([small, big])
-        assert ba.shape[-2:] == (96, 96) and bb.shape[-2:] == (128, 128)  # padded in both directions
-        la, ma, xa = m.inference_forward(ba, sa)
-        lb, mb, xb = m.inference_forward(bb, sb)
+        ba, bb = m.preprocess([small]), m.preprocess([small, big])
+        assert ba.padded_size == (96, 96) and bb.padded_size == (128, 128)  # padded in both directions
+        la, ma, xa = m.inference_forward(ba.tensor, ba.image_sizes)
+        lb, mb, xb = m.inference_forward(bb.tensor, bb.image_sizes)
     torch.testing.assert_close(la[0], lb[0], atol=1e-4, rtol=0)
     torch.testing.assert_close(xa[0], xb[0], atol=1e-4, rtol=0)
     h4, w4 = 18, 23  # ceil(70 / 4), ceil(90 / 4)
@@ -279,8 +277,8 @@ def test_padding_invariance():
     official = build_model(cfg).eval()
     official.load_state_dict(m.state_dict())
     with torch.no_grad():
-        la2, _, _ = official.inference_forward(ba, sa)
-        lb2, _, _ = official.inference_forward(bb, sb)
+        la2, _, _ = official.inference_forward(ba.tensor, ba.image_sizes)
+        lb2, _, _ = official.inference_forward(bb.tensor, bb.image_sizes)
     assert (la2[0] - lb2[0]).abs().max() > 1e-3
 
 
@@ -294,12 +292,11 @@ def test_padding_invariance_swin_backbone_runs_each_image_at_its_own_size(monkey
     small, big, big2 = images([(70, 90), (100, 128), (128, 100)], seed=4)
     calls = []
     real_forward = m.backbone.forward
-    monkeypatch.setattr(m.backbone, "forward", lambda x, *a: calls.append(tuple(x.shape)) or real_forward(x, *a))
+    monkeypatch.setattr(m.backbone, "forward", lambda x: calls.append(tuple(x.tensor.shape)) or real_forward(x))
     with torch.no_grad():
-        ba, sa = m.preprocess([small])
-        bb, sb = m.preprocess([small, big, big2])
-        la, ma, xa = m.inference_forward(ba, sa)
-        lb, mb, xb = m.inference_forward(bb, sb)
+        ba, bb = m.preprocess([small]), m.preprocess([small, big, big2])
+        la, ma, xa = m.inference_forward(ba.tensor, ba.image_sizes)
+        lb, mb, xb = m.inference_forward(bb.tensor, bb.image_sizes)
     # alone (96x96), then the batch: the small image at 96x96, the two others together at 128x128
     assert calls == [(1, 3, 96, 96), (1, 3, 96, 96), (2, 3, 128, 128)]
     torch.testing.assert_close(la[0], lb[0], atol=1e-4, rtol=0)
@@ -307,7 +304,8 @@ def test_padding_invariance_swin_backbone_runs_each_image_at_its_own_size(monkey
     torch.testing.assert_close(ma[0, :, :18, :23], mb[0, :, :18, :23], atol=1e-4, rtol=0)
     # the others equal their own unpadded runs too
     with torch.no_grad():
-        lc, _, _ = m.inference_forward(*m.preprocess([big]))
+        bc = m.preprocess([big])
+        lc, _, _ = m.inference_forward(bc.tensor, bc.image_sizes)
     torch.testing.assert_close(lc[0], lb[1], atol=1e-4, rtol=0)
 
     # a training step through the per-size path reaches every trainable backbone parameter
@@ -320,26 +318,26 @@ def test_padding_invariance_swin_backbone_runs_each_image_at_its_own_size(monkey
 
 
 def test_unpadded_batch_skips_padding_work_with_same_outputs(monkeypatch):
-    # nothing padded: the network runs without image_sizes (no masked fills / masked GroupNorms) and must give
-    # what the padding-aware graph gives with all-False masks
+    # nothing padded: the batch is not masked (no masked fills / masked GroupNorms) and must give what the
+    # padding-aware graph gives with all-False masks
     torch.manual_seed(0)
     m = build_model(tiny_cfg()).eval()
     imgs = images([(64, 96), (64, 96)], seed=5)
     seen = []
-    original = m.inference_forward
+    original = m._inference
 
-    def spy(batch, image_sizes=None):
-        seen.append(image_sizes)
-        return original(batch, image_sizes)
+    def spy(batch):
+        seen.append(batch.masked)
+        return original(batch)
 
     with torch.no_grad():
-        batch, sizes = m.preprocess(imgs)
-        aware = original(batch, sizes)
-        plain = original(batch, None)
-        monkeypatch.setattr(m, "inference_forward", spy)
+        batch = m.preprocess(imgs)
+        aware = m.inference_forward(batch.tensor, batch.image_sizes)
+        plain = m.inference_forward(batch.tensor, None)
+        monkeypatch.setattr(m, "_inference", spy)
         preds = m.predict(imgs)
         m.predict([imgs[0], images([(50, 70)], seed=6)[0]])
-    assert seen[0] is None and seen[1] is not None
+    assert seen == [False, True]
     for a, b in zip(aware, plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert len(preds) == 2 and preds[0].instances is not None
@@ -380,7 +378,7 @@ def test_parameter_counts_match_official(name):
 
 @pytest.mark.parametrize("name", ["coco-instance-swinl", "coco-panoptic-swinl"])
 def test_swin_presets_build(name):
-    pytest.importorskip("maskdino.backbone.swin")
+    pytest.importorskip("maskdino.modeling.backbone.swin")
     with torch.device("meta"):
         m = build_model(get_preset(name))
     # README: ~223M parameters for the Swin-L models (the head is the R50 head with 5 encoder levels)
@@ -439,8 +437,9 @@ def test_cuda_train_step_and_cpu_parity():
     gpu.load_state_dict(cpu.state_dict())
     ims = images(SIZES)
     with torch.no_grad():
-        ref = cpu.inference_forward(*cpu.preprocess(ims))
-        out = gpu.inference_forward(*gpu.preprocess([im.cuda() for im in ims]))
+        bc, bg = cpu.preprocess(ims), gpu.preprocess([im.cuda() for im in ims])
+        ref = cpu.inference_forward(bc.tensor, bc.image_sizes)
+        out = gpu.inference_forward(bg.tensor, bg.image_sizes)
     for a, b in zip(ref, out):
         torch.testing.assert_close(b.cpu(), a, atol=2e-3, rtol=2e-3)
     gpu.train()

@@ -10,14 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from detr_core.backbone import ResNetBackbone
 from detr_core.box_ops import inverse_sigmoid
 from detr_core.matcher import PointMaskCost
-from maskdino.backbone import ResNetBackbone, padding_mask
+from detr_core.outputs import QueryPredictions
+from detr_core.padding import PaddedBatch, padding_mask, replicate_outside
 from maskdino.config import PixelDecoderConfig, get_preset
-from maskdino.criterion import build_weight_dict
-from maskdino.mask_enhanced_init import bitmask_boxes, mask2box_boxes, mask_enhanced_anchors
-from maskdino.model import build_model
-from maskdino.pixel_decoder import MaskDINOPixelDecoder, masked_group_norm, replicate_outside
+from maskdino.modeling.criterion import build_weight_dict
+from maskdino.modeling.model import build_model
+from maskdino.modeling.pixel_decoder import MaskDINOPixelDecoder, masked_group_norm
+from maskdino.modeling.query_selection import mask_boxes, mask_enhanced_anchors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,8 +63,9 @@ def test_mask_to_box_conversions():
     masks[2] = False
     masks[3] = False
     masks[3, 4, 7] = True
-    torch.testing.assert_close(bitmask_boxes(masks), _loop_boxes(masks, True, [0.0, 0.0, 0.0, 0.0]))
-    torch.testing.assert_close(mask2box_boxes(masks), _loop_boxes(masks, False, [1e8, 1e8, 0.0, 0.0]))
+    rows, cols = masks.any(2), masks.any(1)
+    torch.testing.assert_close(mask_boxes(rows, cols, "bitmask"), _loop_boxes(masks, True, [0.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(mask_boxes(rows, cols, "mask2box"), _loop_boxes(masks, False, [1e8, 1e8, 0.0, 0.0]))
 
 
 @settings(max_examples=30, deadline=None)
@@ -111,9 +114,9 @@ def test_resnet_padding_exact():
     padded = torch.zeros(1, 3, 128, 128)
     padded[:, :, :64, :96] = alone
     with torch.no_grad():
-        a = net(alone, torch.tensor([[64, 96]]))
-        b = net(padded, torch.tensor([[64, 96]]))
-        c = net(alone)
+        a = net(PaddedBatch(alone, torch.tensor([[64, 96]]), masked=True))
+        b = net(PaddedBatch(padded, torch.tensor([[64, 96]]), masked=True))
+        c = net(PaddedBatch(alone, torch.tensor([[64, 96]]), masked=False))
     for name, stride in [("res2", 4), ("res3", 8), ("res4", 16), ("res5", 32)]:
         h, w = 64 // stride, 96 // stride
         torch.testing.assert_close(a[name], b[name][:, :, :h, :w], atol=1e-4, rtol=1e-4)
@@ -135,13 +138,14 @@ def test_resnet_inference_fold_matches_module_graph(depth):
             m.running_var.uniform_(0.5, 2.0)
     x = torch.randn(2, 3, 64, 96)
     sizes = torch.tensor([[64, 96], [40, 70]])
-    for image_sizes in (None, sizes):
+    for masked in (False, True):
+        batch = PaddedBatch(x, sizes, masked=masked)
         with torch.enable_grad():
             assert not net._can_fold()
-            expected = net(x, image_sizes)
+            expected = net(batch)
         with torch.no_grad():
             assert net._can_fold()
-            got = net(x, image_sizes)
+            got = net(batch)
         for name in expected:
             # CPU inference hands the maps on channels-last (the pixel decoder's convolutions want that layout)
             assert got[name].is_contiguous(memory_format=torch.channels_last)
@@ -172,18 +176,19 @@ def test_pixel_decoder_level_order(in_features, total, order, strides):
         total_num_feature_levels=total,
         feature_order=order,
     )
-    pd = MaskDINOPixelDecoder(backbone.output_shape(), cfg)
+    pd = MaskDINOPixelDecoder.from_config(backbone.output_shape(), cfg)
     assert pd.output_strides() == strides
     # input_proj[0] reads the first listed encoder input: res3 (512 ch... here 128) or res5 for high2low
     first = pd.input_proj[0][0].in_channels
     expected_first = {"res2": 64, "res3": 128, "res5": 512}[pd.transformer_in_features[0]]
     assert first == expected_first
-    x = torch.randn(1, 3, 128, 128)
+    batch = PaddedBatch.from_tensor(torch.randn(1, 3, 128, 128), [(128, 128)])
+    assert not batch.masked
     with torch.no_grad():
-        out = pd(backbone(x))
-    assert [f.shape[-1] for f in out["multi_scale_features"]] == [128 // s for s in strides]
-    assert out["mask_features"].shape == (1, 16, 32, 32)
-    assert out["multi_scale_masks"] is None
+        out = pd(backbone(batch), batch)
+    assert [f.shape[-1] for f in out.multi_scale_features] == [128 // s for s in strides]
+    assert out.strides == strides and out.mask_stride == 4
+    assert out.mask_features.shape == (1, 16, 32, 32)
 
 
 def test_decoder_memory_is_in_reverse_level_order():
@@ -197,9 +202,8 @@ def test_decoder_memory_is_in_reverse_level_order():
         seen["spatial_shapes"] = args[3].tolist()
 
     handle = m.predictor.decoder.register_forward_pre_hook(hook)
-    batch, sizes = m.preprocess([torch.rand(3, 64, 128) * 255])
     with torch.no_grad():
-        m.network(batch, sizes)
+        m.network(m.preprocess([torch.rand(3, 64, 128) * 255]))
     handle.remove()
     # encoder levels (low2high) are 1/8, 1/16, 1/32; the decoder memory starts with the lowest resolution
     assert seen["spatial_shapes"] == [[2, 4], [4, 8], [8, 16]]
@@ -211,7 +215,7 @@ def test_point_mask_cost_matches_per_pair_reference():
     tgt = torch.rand(3, 32, 32) > 0.5
     cost = PointMaskCost(5.0, 5.0, num_points=64)
     torch.manual_seed(7)
-    c = cost({"pred_masks": pred}, {"masks": tgt})
+    c = cost(QueryPredictions(logits=torch.zeros(4, 1), masks=pred), {"masks": tgt})
     torch.manual_seed(7)
     pts = torch.rand(1, 64, 2)
     grid = (2 * pts - 1)[:, :, None]  # (1, P, 1, 2)
@@ -235,14 +239,12 @@ def test_weight_dict_covers_the_official_105_terms():
         for k in base
         for s in ["", "_interm", "_dn"] + [f"_{i}" for i in range(9)] + [f"_dn_{i}" for i in range(9)]
     }
-    assert len(emitted) == 105 and emitted <= set(weights)
+    assert len(emitted) == 105 and emitted == set(weights)
     assert (
         weights["loss_mask_dn_8"] == 5.0
         and weights["loss_giou_interm"] == 2.0
         and weights["loss_ce_0"] == 4.0
     )
-    # like the official dict, it also lists keys that are never produced (e.g. ``loss_ce_interm_dn``)
-    assert len(weights) == 200
     # ADE20K: no encoder output and no box weights in its yaml (defaults 5 / 2 are used, as the official code)
     ade = build_weight_dict(get_preset("ade20k-semantic-r50"))
     assert len(ade) == 100 and ade["loss_bbox_dn_3"] == 5.0

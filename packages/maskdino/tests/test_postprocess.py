@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from maskdino.postprocess import (
+from maskdino.modeling.postprocess import (
     boxes_to_output_size,
     instance_inference,
     panoptic_inference,

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from maskdino.backbone.swin import (
+from maskdino.modeling.backbone.swin import (
     SwinTransformer,
     SwinTransformerBlock,
     build_swin,
@@ -178,7 +178,7 @@ def test_window_attention_matches_naive_single_window():
 def test_window_locality_with_and_without_shift(shift):
     # A change of token (0, 0) may only reach the tokens of its own window: the top-left 4x4 window
     # without shift; with shift s the wrapped-around corner region [0, s) x [0, s) (mask -100 elsewhere).
-    from maskdino.backbone.swin import shifted_window_mask
+    from maskdino.modeling.backbone.swin import shifted_window_mask
 
     torch.manual_seed(0)
     ws = 4
@@ -202,9 +202,9 @@ def test_window_locality_with_and_without_shift(shift):
 
 
 def test_build_from_backbone_config_and_pretrained_loading(tmp_path):
-    from maskdino.backbone.resnet import ShapeSpec
-    from maskdino.backbone.swin import load_swin_pretrained
+    from detr_core.backbone import ShapeSpec
     from maskdino.config import BackboneConfig
+    from maskdino.modeling.backbone.swin import load_swin_pretrained
 
     with torch.device("meta"):
         model = build_swin_backbone(BackboneConfig(name="swin_l", out_features=["res3", "res4", "res5"]))

@@ -10,8 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from maskdino.config import ConfigError
-from maskdino.engine.config import ExperimentConfig, apply_overrides, get_experiment, load_experiment
+from maskdino.config import ConfigError, ExperimentConfig, apply_overrides, get_experiment, load_experiment
 from maskdino.engine.optim import WarmupSchedule, build_optimizer, param_groups
 from maskdino.engine.trainer import NonFiniteLossError, Trainer
 
@@ -125,7 +124,7 @@ def test_experiment_save_load_round_trip(tmp_path, suffix):
         ({"optimizer": {}}, "unknown config key 'optimizer'"),
         ({"solver": 1}, "solver: expected a mapping, got int"),
         ({"solver": {"steps": [1, "2"]}}, r"solver.steps\[1\]: expected an integer, got '2'"),
-        ({"model": {"decoder": {"dn": "yes"}}}, r"model: decoder.dn = 'yes'; expected one of \['no', 'seg'\]"),
+        ({"model": {"decoder": {"dn": "yes"}}}, r"model.decoder.dn = 'yes'; expected one of \['no', 'seg'\]"),
         ({"train": {"ims_per_batch": 3, "accumulate": 2}}, r"train.ims_per_batch \(3\) must be divisible"),
     ],
 )
@@ -135,7 +134,7 @@ def test_experiment_from_dict_is_strict(bad, message):
 
 
 def test_param_groups_follow_official_rules():
-    from maskdino.model import build_model
+    from maskdino.modeling.model import build_model
 
     cfg = get_experiment("tiny")
     cfg.solver.backbone_multiplier = 0.1

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from maskdino import winograd
-from maskdino.pixel_decoder import ConvNorm
+from maskdino.modeling.pixel_decoder import ConvNorm
 
 pytestmark = pytest.mark.skipif(not torch.backends.nnpack.is_available(), reason="torch built without NNPACK")
 

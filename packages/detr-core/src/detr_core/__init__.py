@@ -1,13 +1,17 @@
 """Reusable DETR-family building blocks (Deformable DETR, DAB-DETR, DN-DETR, DINO, Mask DINO).
 
-Modules: ``box_ops`` (geometry), ``position_encoding`` (sine embeddings), ``layers`` (MLP), ``encoder`` /
-``decoder`` (deformable transformer with iterative box refinement), ``query_selection`` (two-stage),
-``denoising`` (DN queries), ``matcher`` (Hungarian), ``losses`` (focal, box, dice, point sampling, SetCriterion),
+Modules: ``padding`` (``PaddedBatch``, the padded-batch value object), ``backbone`` (the ``Backbone`` contract,
+ResNets), ``outputs`` (typed head outputs), ``box_ops`` (geometry), ``position_encoding`` (sine embeddings),
+``layers`` (MLP), ``encoder`` / ``decoder`` (deformable transformer with iterative box refinement),
+``query_selection`` (two-stage), ``denoising`` (DN queries), ``matcher`` (Hungarian), ``losses`` (focal, box, dice,
+point sampling, SetCriterion), ``checkpoint`` (safe files, key maps from official layouts, strict loading),
 ``distributed``. Tensors are batch-first ``(B, Q, C)``; boxes are cxcywh normalised to ``[0, 1]`` unless stated.
 """
 
 from . import (
+    backbone,
     box_ops,
+    checkpoint,
     decoder,
     denoising,
     distributed,
@@ -15,21 +19,38 @@ from . import (
     layers,
     losses,
     matcher,
+    outputs,
+    padding,
     position_encoding,
     query_selection,
 )
+from .backbone import Backbone, ResNetBackbone, ShapeSpec
 from .decoder import DeformableDecoder, DeformableDecoderLayer, look_forward_twice
 from .denoising import DenoisingMeta, DenoisingQueries, build_denoising_queries, split_denoising_outputs
 from .encoder import DeformableEncoder, DeformableEncoderLayer
 from .layers import MLP
 from .losses import SetCriterion
 from .matcher import HungarianMatcher
+from .outputs import DenoisingPredictions, DetectionOutputs, QueryPredictions, split_denoising
+from .padding import PaddedBatch
 from .position_encoding import PositionEmbeddingSine, sine_embedding
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "MLP",
+    "Backbone",
+    "DenoisingPredictions",
+    "DetectionOutputs",
+    "PaddedBatch",
+    "QueryPredictions",
+    "ResNetBackbone",
+    "ShapeSpec",
+    "backbone",
+    "checkpoint",
+    "outputs",
+    "padding",
+    "split_denoising",
     "DeformableDecoder",
     "DeformableDecoderLayer",
     "DeformableEncoder",

@@ -18,6 +18,7 @@ __all__ = [
     "denormalize_boxes",
     "generalized_box_iou",
     "inverse_sigmoid",
+    "mask_extents",
     "masks_to_boxes",
     "normalize_boxes",
     "valid_ratios",
@@ -66,26 +67,41 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1.0 - x).clamp(min=eps))
 
 
-def masks_to_boxes(masks: Tensor) -> Tensor:
-    """Tight xyxy boxes of binary masks ``(N, H, W)`` -> ``(N, 4)`` float in pixel indices (torchvision convention:
-    ``x1``/``y1`` are the last foreground column/row, no ``+1``). Empty masks give ``(0, 0, 0, 0)``."""
+def mask_extents(rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+    """Tight boxes from the projections of binary masks.
+
+    Args:
+        rows: ``(N, H)`` bool, True where a row of mask ``n`` has a foreground pixel. cols: ``(N, W)`` likewise.
+
+    Returns:
+        ``(boxes (N, 4) float32 xyxy, nonempty (N,) bool)``: ``x0``/``y0`` the first and ``x1``/``y1`` the last
+        foreground column/row (pixel indices); the box of an empty mask is undefined (zeros).
+    """
+    h, w = rows.shape[1], cols.shape[1]
+    # argmax returns the first maximal index: on the flipped projection that is the last foreground position
+    x0 = cols.to(torch.uint8).argmax(1)
+    x1 = (w - 1) - cols.flip(1).to(torch.uint8).argmax(1)
+    y0 = rows.to(torch.uint8).argmax(1)
+    y1 = (h - 1) - rows.flip(1).to(torch.uint8).argmax(1)
+    nonempty = cols.any(1)
+    boxes = torch.stack([x0, y0, x1, y1], -1).float()
+    return boxes.masked_fill(~nonempty[:, None], 0.0), nonempty
+
+
+def masks_to_boxes(masks: Tensor, pixel_edges: bool = False) -> Tensor:
+    """Tight xyxy boxes of binary masks ``(N, H, W)`` -> ``(N, 4)`` float32; empty masks give ``(0, 0, 0, 0)``.
+
+    ``pixel_edges=False`` (torchvision's convention): ``x1``/``y1`` are the last foreground column/row, so a single
+    pixel at ``(x, y)`` gives ``[x, y, x, y]``. ``pixel_edges=True`` (detectron2's ``BitMasks``, box annotations):
+    the box runs to the far edge of that pixel, ``[x, y, x + 1, y + 1]``.
+    """
     if masks.numel() == 0:
         return torch.zeros((masks.shape[0], 4), device=masks.device, dtype=torch.float32)
     masks = masks.bool()
-    n, h, w = masks.shape
-    rows = masks.any(2)  # (N, H)
-    cols = masks.any(1)  # (N, W)
-    ys = torch.arange(h, device=masks.device, dtype=torch.float32)
-    xs = torch.arange(w, device=masks.device, dtype=torch.float32)
-    big = float(max(h, w) + 1)
-    # min/max over masked coordinates without a per-mask Python loop (unlike torchvision's)
-    x0 = torch.where(cols, xs, big).amin(1)
-    x1 = torch.where(cols, xs, -1.0).amax(1)
-    y0 = torch.where(rows, ys, big).amin(1)
-    y1 = torch.where(rows, ys, -1.0).amax(1)
-    boxes = torch.stack([x0, y0, x1, y1], -1)
-    empty = ~rows.any(1)
-    return boxes.masked_fill(empty[:, None], 0.0)
+    boxes, nonempty = mask_extents(masks.any(2), masks.any(1))
+    if pixel_edges:
+        boxes = boxes + (boxes.new_tensor([0.0, 0.0, 1.0, 1.0]) * nonempty[:, None])
+    return boxes
 
 
 def normalize_boxes(boxes_xyxy: Tensor, image_size: tuple[int, int]) -> Tensor:

@@ -13,7 +13,6 @@ Unused slots have zero content and zero anchor logits (box ``(0.5, 0.5, 0.5, 0.5
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,6 @@ __all__ = [
     "build_denoising_attn_mask",
     "build_denoising_queries",
     "denoising_indices",
-    "split_denoising_level",
     "split_denoising_outputs",
 ]
 
@@ -209,22 +207,6 @@ def split_denoising_outputs(x: Tensor, meta: DenoisingMeta | None) -> tuple[Tens
     if meta is None:
         return None, x
     return x[:, : meta.pad_size], x[:, meta.pad_size :]
-
-
-def split_denoising_level(
-    level: Mapping[str, Tensor | None], meta: DenoisingMeta
-) -> tuple[dict[str, Tensor | None], dict[str, Tensor | None]]:
-    """``split_denoising_outputs`` on every tensor of one decoder level's outputs ``{name: (B, P + Q, ...)}``:
-    ``(dn {name: (B, P, ...)}, matching {name: (B, Q, ...)})``; None entries (e.g. masks not predicted) stay None
-    in both."""
-    dn: dict[str, Tensor | None] = {}
-    matching: dict[str, Tensor | None] = {}
-    for k, v in level.items():
-        if v is None:
-            dn[k] = matching[k] = None
-        else:
-            dn[k], matching[k] = split_denoising_outputs(v, meta)
-    return dn, matching
 
 
 def denoising_indices(targets: list[dict[str, Tensor]], meta: DenoisingMeta) -> list[tuple[Tensor, Tensor]]:

@@ -28,10 +28,11 @@ __all__ = [
 
 
 def shapes_as_list(spatial_shapes: Tensor | Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-    """``(L, 2)`` tensor or sequence of ``(H, W)`` -> list of Python ``(H, W)`` ints."""
+    """``(L, 2)`` tensor or sequence of ``(H, W)`` -> list of ``(H, W)``: Python ints, or the symbolic sizes of a
+    ``torch.export`` trace as they are (``int()`` would specialise them)."""
     if isinstance(spatial_shapes, Tensor):
-        spatial_shapes = spatial_shapes.tolist()
-    return [(int(h), int(w)) for h, w in spatial_shapes]
+        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    return [(h, w) for h, w in spatial_shapes]
 
 
 def level_start_index(spatial_shapes: Tensor) -> Tensor:
@@ -76,18 +77,21 @@ def flatten_levels(maps: Sequence[Tensor], masks: Sequence[Tensor | None] | None
         masks = None
     if masks is not None and (len(masks) != len(maps) or any(m is None for m in masks)):
         raise ValueError("masks must be None or one padding mask per level")
-    shapes = [(int(x.shape[-2]), int(x.shape[-1])) for x in maps]
+    # the maps' sizes as they are: Python ints in eager mode, symbolic sizes under torch.export (never int(): that
+    # would specialise a dynamic export to the traced size)
+    shapes = [(x.shape[-2], x.shape[-1]) for x in maps]
     tokens = torch.cat([x.flatten(2).transpose(1, 2) for x in maps], 1)
     device = tokens.device
     areas = [h * w for h, w in shapes]
-    spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
-    starts = torch.as_tensor([sum(areas[:i]) for i in range(len(areas))], dtype=torch.long, device=device)
+    spatial_shapes = torch.tensor(shapes, dtype=torch.long, device=device)
+    starts = torch.tensor([sum(areas[:i]) for i in range(len(areas))], dtype=torch.long, device=device)
     if masks is None:
         padding_mask = None
         ratios = tokens.new_ones(tokens.shape[0], len(maps), 2)
     else:
-        padding_mask = torch.cat([m.flatten(1) for m in masks], 1)
-        ratios = torch.stack([mask_valid_ratios(m) for m in masks], 1)
+        given = [m for m in masks if m is not None]
+        padding_mask = torch.cat([m.flatten(1) for m in given], 1)
+        ratios = torch.stack([mask_valid_ratios(m) for m in given], 1)
     return FlatLevels(tokens, padding_mask, spatial_shapes, starts, ratios, shapes)
 
 
@@ -194,9 +198,11 @@ class DeformableEncoder(nn.Module):
         valid_ratios = valid_ratios.to(device)
         points = []
         for lvl, (h, w) in enumerate(shapes_as_list(spatial_shapes)):
+            # pixel centres i + 0.5 (bit-identical to linspace(0.5, h - 0.5, h), whose step is exactly 1, and free of
+            # the float end point that would specialise a symbolic size under torch.export)
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, dtype=valid_ratios.dtype, device=device),
-                torch.linspace(0.5, w - 0.5, w, dtype=valid_ratios.dtype, device=device),
+                torch.arange(h, dtype=valid_ratios.dtype, device=device) + 0.5,
+                torch.arange(w, dtype=valid_ratios.dtype, device=device) + 0.5,
                 indexing="ij",
             )
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)

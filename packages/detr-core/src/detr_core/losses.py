@@ -16,8 +16,9 @@ import torchvision.ops as tvops
 from torch import Tensor, nn
 
 from .box_ops import box_cxcywh_to_xyxy
-from .denoising import DenoisingMeta, denoising_indices
+from .denoising import denoising_indices
 from .distributed import reduce_num_boxes
+from .outputs import DenoisingPredictions, DetectionOutputs, QueryPredictions
 
 __all__ = [
     "BoxLoss",
@@ -39,8 +40,8 @@ __all__ = [
 ]
 
 Indices = list[tuple[Tensor, Tensor]]
-LossFn = Callable[[dict, list[dict], Indices, float], dict[str, Tensor]]
-"""``(outputs of ONE decoder level, targets, indices, num_boxes) -> {loss name: scalar}``."""
+LossFn = Callable[[QueryPredictions, list[dict], Indices, float], dict[str, Tensor]]
+"""``(predictions of ONE decoder level, targets, indices, num_boxes) -> {loss name: scalar}``."""
 
 
 # ----------------------------------------------------------------------------- elementary losses
@@ -196,17 +197,23 @@ def matched_targets(targets: list[dict[str, Tensor]], indices: Indices, key: str
 # ----------------------------------------------------------------------------- pluggable loss functions
 
 
+def _need(x: Tensor | None, name: str, fn: object) -> Tensor:
+    if x is None:
+        raise ValueError(f"{type(fn).__name__} needs predicted {name}, which this output does not have")
+    return x
+
+
 class FocalLabelLoss:
-    """Sigmoid focal classification over ``pred_logits (B, Q, C)``; unmatched queries are background (all-zero
+    """Sigmoid focal classification over ``logits (B, Q, C)``; unmatched queries are background (all-zero
     one-hot). Produces ``{key: scalar}``."""
 
     def __init__(self, num_classes: int, alpha: float = 0.25, gamma: float = 2.0, key: str = "loss_ce"):
         self.num_classes, self.alpha, self.gamma, self.key = num_classes, alpha, gamma, key
 
     def __call__(
-        self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float
+        self, pred: QueryPredictions, targets: list[dict], indices: Indices, num_boxes: float
     ) -> dict[str, Tensor]:
-        logits = outputs["pred_logits"]
+        logits = pred.logits
         b, q, c = logits.shape
         target_classes = torch.full((b, q), c, dtype=torch.long, device=logits.device)
         batch_idx = torch.cat([torch.full_like(s, i) for i, (s, _) in enumerate(indices)]).to(logits.device)
@@ -224,9 +231,9 @@ class CrossEntropyLabelLoss:
         self.num_classes, self.eos_coef, self.key = num_classes, eos_coef, key
 
     def __call__(
-        self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float
+        self, pred: QueryPredictions, targets: list[dict], indices: Indices, num_boxes: float
     ) -> dict[str, Tensor]:
-        logits = outputs["pred_logits"]  # (B, Q, C+1)
+        logits = pred.logits  # (B, Q, C+1)
         b, q, _ = logits.shape
         weight = torch.ones(self.num_classes + 1, device=logits.device, dtype=logits.dtype)
         weight[-1] = self.eos_coef
@@ -238,16 +245,16 @@ class CrossEntropyLabelLoss:
 
 
 class BoxLoss:
-    """L1 and GIoU losses of matched ``pred_boxes (B, Q, 4)`` vs target ``boxes`` (cxcywh, normalised).
+    """L1 and GIoU losses of matched ``boxes (B, Q, 4)`` vs target ``boxes`` (cxcywh, normalised).
     Produces ``{"loss_bbox": scalar, "loss_giou": scalar}``; ``giou_eps``: see :func:`giou_loss`."""
 
     def __init__(self, giou_eps: float = 1e-7):
         self.giou_eps = giou_eps
 
     def __call__(
-        self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float
+        self, pred: QueryPredictions, targets: list[dict], indices: Indices, num_boxes: float
     ) -> dict[str, Tensor]:
-        src = matched_predictions(outputs["pred_boxes"], indices)
+        src = matched_predictions(_need(pred.boxes, "boxes", self), indices)
         tgt = matched_targets(targets, indices, "boxes").to(src)
         return {
             "loss_bbox": box_l1_loss(src, tgt, num_boxes),
@@ -256,7 +263,7 @@ class BoxLoss:
 
 
 class PointMaskLoss:
-    """Point-sampled mask losses of matched ``pred_masks (B, Q, H, W)`` logits vs target ``masks (n, Ht, Wt)``
+    """Point-sampled mask losses of matched ``masks (B, Q, H, W)`` logits vs target ``masks (n, Ht, Wt)``
     (Mask2Former / Mask DINO): per matched pair, ``num_points`` points chosen by
     ``uncertain_point_coords_with_randomness`` on the prediction (no grad), then ``sigmoid_ce_loss`` and
     ``dice_loss`` / ``num_boxes``. Target masks must cover the same (padded) frame as the predictions; points are
@@ -274,12 +281,12 @@ class PointMaskLoss:
         self.importance_sample_ratio, self.generator = importance_sample_ratio, generator
 
     def __call__(
-        self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float
+        self, pred: QueryPredictions, targets: list[dict], indices: Indices, num_boxes: float
     ) -> dict[str, Tensor]:
-        pred = outputs["pred_masks"]
-        src = matched_predictions(pred, indices)[:, None]  # (K, 1, H, W)
+        masks = _need(pred.masks, "masks", self)
+        src = matched_predictions(masks, indices)[:, None]  # (K, 1, H, W)
         if src.shape[0] == 0:
-            zero = pred.sum() * 0.0
+            zero = masks.sum() * 0.0
             return {"loss_mask": zero, "loss_dice": zero.clone()}
         with torch.no_grad():
             coords = uncertain_point_coords_with_randomness(
@@ -308,23 +315,17 @@ class PointMaskLoss:
 
 # ----------------------------------------------------------------------------- criterion
 
-_RESERVED = ("aux_outputs", "interm_outputs", "dn_outputs", "dn_meta")
-
-
 class SetCriterion(nn.Module):
     """Applies every ``LossFn`` to every decoder output, with Hungarian matching (or fixed denoising pairs).
 
-    ``outputs`` layout (each level dict holds ``pred_logits (B, Q, C)``, ``pred_boxes (B, Q, 4)``, ... ):
+    Keys of the returned losses (``x`` = each loss function's own names, e.g. ``loss_ce``):
 
-    - top level: the final prediction -> keys ``loss_x``;
-    - ``aux_outputs``: list of level dicts -> ``loss_x_{i}``;
-    - ``interm_outputs``: the encoder (two-stage) prediction -> ``loss_x_interm``;
-    - ``dn_outputs`` (a level dict, optionally with its own ``aux_outputs``) and ``dn_meta`` (``DenoisingMeta``):
-      no matching, ``denoising_indices`` pairs, normaliser ``num_boxes * num_groups`` -> ``loss_x_dn``,
-      ``loss_x_dn_{i}``.
+    - ``outputs.final`` -> ``loss_x``; ``outputs.aux[i]`` -> ``loss_x_{i}``; ``outputs.interm`` -> ``loss_x_interm``;
+    - ``outputs.denoising`` (no matching: ``denoising_indices`` pairs, normaliser ``num_boxes * num_groups``):
+      its ``final`` -> ``loss_x_dn``, ``aux[i]`` -> ``loss_x_dn_{i}``.
 
     Args:
-        matcher: ``(outputs, targets) -> indices`` (e.g. ``HungarianMatcher``).
+        matcher: ``(predictions, targets) -> indices`` (e.g. ``HungarianMatcher``).
         losses: name -> ``LossFn``; applied in order, their dicts merged.
         weight_dict: loss key -> weight, used by ``weighted`` (``forward`` returns UNweighted losses, as DETR).
         dn_losses: names of ``losses`` to apply to the denoising outputs (default: all).
@@ -334,7 +335,7 @@ class SetCriterion(nn.Module):
 
     def __init__(
         self,
-        matcher: Callable[[dict, list[dict]], Indices],
+        matcher: Callable[[QueryPredictions, list[dict]], Indices],
         losses: Mapping[str, LossFn],
         weight_dict: Mapping[str, float],
         dn_losses: Sequence[str] | None = None,
@@ -353,7 +354,7 @@ class SetCriterion(nn.Module):
     def _compute_losses(
         self,
         names: Sequence[str],
-        outputs: dict,
+        pred: QueryPredictions,
         targets: list[dict],
         indices: Indices,
         num_boxes: float,
@@ -361,34 +362,34 @@ class SetCriterion(nn.Module):
     ) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         for name in names:
-            for k, v in self.losses[name](outputs, targets, indices, num_boxes).items():
+            for k, v in self.losses[name](pred, targets, indices, num_boxes).items():
                 out[k + suffix] = v
         return out
 
-    def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    def forward(self, outputs: DetectionOutputs, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """
         Args:
-            outputs: see the class docstring.
+            outputs: the head's :class:`~detr_core.outputs.DetectionOutputs`.
             targets: per image ``labels (n,)`` int64, ``boxes (n, 4)`` cxcywh in ``[0, 1]`` (+ what losses need).
 
         Returns:
             unweighted losses, scalar tensors keyed as in the class docstring.
         """
-        main = {k: v for k, v in outputs.items() if k not in _RESERVED}
-        device = main["pred_logits"].device
+        main = outputs.final
+        device = main.logits.device
         num_boxes = reduce_num_boxes(sum(int(t["labels"].shape[0]) for t in targets), device)
         names = list(self.losses)
-        aux_levels = list(outputs.get("aux_outputs") or [])
+        aux_levels = list(outputs.aux)
 
-        # The denoising level that goes with each matched level: None = the final one, i = aux_outputs[i].
-        dn_outputs, meta = outputs.get("dn_outputs"), outputs.get("dn_meta")
-        dn_levels: dict[int | None, dict] = {}
+        # The denoising level that goes with each matched level: None = the final one, i = aux[i].
+        dn = outputs.denoising
+        dn_levels: dict[int | None, QueryPredictions] = {}
         dn_indices: Indices = []
         dn_norm, dn_scale = num_boxes, 1.0
-        if dn_outputs is not None and meta is not None:
-            dn_indices = denoising_indices(targets, meta)
-            dn_norm = num_boxes * meta.num_groups
-            dn_levels = self._denoising_levels(dn_outputs)
+        if dn is not None:
+            dn_indices = denoising_indices(targets, dn.meta)
+            dn_norm = num_boxes * dn.meta.num_groups
+            dn_levels = dn.levels()
         elif self.pad_missing_dn and self.dn_losses:
             # zeros connected to the graph, so that every step has the same keys
             empty = torch.zeros(0, dtype=torch.long, device=device)
@@ -415,8 +416,8 @@ class SetCriterion(nn.Module):
             losses.update(denoising(i))
         for level in sorted(k for k in dn_levels if k is not None):  # denoising levels without a matched twin
             losses.update(denoising(level))
-        interm = outputs.get("interm_outputs")
-        if interm is not None:
+        if outputs.interm is not None:
+            interm = outputs.interm
             losses.update(
                 self._compute_losses(
                     names, interm, targets, self.matcher(interm, targets), num_boxes, "_interm"
@@ -425,30 +426,23 @@ class SetCriterion(nn.Module):
         return losses
 
     def denoising_losses(
-        self, dn_outputs: dict, targets: list[dict[str, Tensor]], meta: DenoisingMeta, num_boxes: float
+        self, dn: DenoisingPredictions, targets: list[dict[str, Tensor]], num_boxes: float
     ) -> dict[str, Tensor]:
         """Losses of the denoising part alone (keys ``_dn`` and ``_dn_{i}``), fixed pairs, normaliser
-        ``num_boxes * meta.num_groups``."""
-        indices = denoising_indices(targets, meta)
-        nb = num_boxes * meta.num_groups
+        ``num_boxes * dn.meta.num_groups``."""
+        indices = denoising_indices(targets, dn.meta)
+        nb = num_boxes * dn.meta.num_groups
         losses: dict[str, Tensor] = {}
-        for level, level_outputs in self._denoising_levels(dn_outputs).items():
-            losses.update(self._denoising_level_losses(level, level_outputs, targets, indices, nb))
+        for level, pred in dn.levels().items():
+            losses.update(self._denoising_level_losses(level, pred, targets, indices, nb))
         return losses
 
-    @staticmethod
-    def _denoising_levels(dn_outputs: dict) -> dict[int | None, dict]:
-        """The denoising outputs by level: None = the final one, ``i`` = ``dn_outputs["aux_outputs"][i]``."""
-        levels: dict[int | None, dict] = {None: {k: v for k, v in dn_outputs.items() if k not in _RESERVED}}
-        levels.update(enumerate(dn_outputs.get("aux_outputs") or []))
-        return levels
-
     def _denoising_level_losses(
-        self, level: int | None, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float
+        self, level: int | None, pred: QueryPredictions, targets: list[dict], indices: Indices, num_boxes: float
     ) -> dict[str, Tensor]:
         """``dn_losses`` of one denoising level, keyed ``_dn`` (final) or ``_dn_{level}``."""
         suffix = "_dn" if level is None else f"_dn_{level}"
-        return self._compute_losses(self.dn_losses, outputs, targets, indices, num_boxes, suffix)
+        return self._compute_losses(self.dn_losses, pred, targets, indices, num_boxes, suffix)
 
     def weighted(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``{k: losses[k] * weight_dict[k]}`` for keys with a weight (others, e.g. logging-only, are dropped)."""

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from .losses import point_sample
+from .outputs import QueryPredictions
 
 __all__ = [
     "BoxL1Cost",
@@ -20,27 +21,31 @@ __all__ = [
     "FocalClassCost",
     "GIoUCost",
     "HungarianMatcher",
+    "NonFiniteCostError",
     "PointMaskCost",
     "SoftmaxClassCost",
-    "per_image_outputs",
 ]
+
+
+class NonFiniteCostError(ValueError, FloatingPointError):
+    """A matching cost is NaN/inf: the predictions (or targets) are not finite, e.g. after training diverged."""
 
 
 @runtime_checkable
 class CostTerm(Protocol):
     """One term of the matching cost. ``weight`` multiplies the ``(Q, n)`` matrix it returns for one image.
 
-    ``outputs`` holds the predictions of ONE image (``pred_logits (Q, C)``, ``pred_boxes (Q, 4)``, ...), ``target``
-    that image's target dict (``labels (n,)``, ``boxes (n, 4)`` cxcywh, ...). Lower cost = better match.
+    ``pred`` holds the predictions of ONE image (``logits (Q, C)``, ``boxes (Q, 4)``, ``masks (Q, H, W)``),
+    ``target`` that image's target dict (``labels (n,)``, ``boxes (n, 4)`` cxcywh, ...). Lower cost = better match.
 
-    An image without targets is not matched; a term may define ``on_empty_target(outputs)``, which the matcher then
+    An image without targets is not matched; a term may define ``on_empty_target(pred)``, which the matcher then
     calls instead (a term that draws random numbers draws them there too, so that the random stream stays that of
     implementations that build the empty ``(Q, 0)`` matrix).
     """
 
     weight: float
 
-    def __call__(self, outputs: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor: ...
+    def __call__(self, pred: QueryPredictions, target: dict[str, Tensor]) -> Tensor: ...
 
 
 class FocalClassCost:
@@ -50,8 +55,8 @@ class FocalClassCost:
     def __init__(self, weight: float, alpha: float = 0.25, gamma: float = 2.0):
         self.weight, self.alpha, self.gamma = weight, alpha, gamma
 
-    def __call__(self, outputs: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
-        prob = outputs["pred_logits"].float().sigmoid()[:, target["labels"]]  # (Q, n)
+    def __call__(self, pred: QueryPredictions, target: dict[str, Tensor]) -> Tensor:
+        prob = pred.logits.float().sigmoid()[:, target["labels"]]  # (Q, n)
         neg = (1 - self.alpha) * prob.pow(self.gamma) * -(1 - prob + 1e-8).log()
         pos = self.alpha * (1 - prob).pow(self.gamma) * -(prob + 1e-8).log()
         return pos - neg
@@ -63,8 +68,8 @@ class SoftmaxClassCost:
     def __init__(self, weight: float):
         self.weight = weight
 
-    def __call__(self, outputs: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
-        return -outputs["pred_logits"].float().softmax(-1)[:, target["labels"]]
+    def __call__(self, pred: QueryPredictions, target: dict[str, Tensor]) -> Tensor:
+        return -pred.logits.float().softmax(-1)[:, target["labels"]]
 
 
 class BoxL1Cost:
@@ -73,8 +78,8 @@ class BoxL1Cost:
     def __init__(self, weight: float):
         self.weight = weight
 
-    def __call__(self, outputs: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
-        return torch.cdist(outputs["pred_boxes"].float(), target["boxes"].float(), p=1)
+    def __call__(self, pred: QueryPredictions, target: dict[str, Tensor]) -> Tensor:
+        return torch.cdist(_need(pred.boxes, "boxes", self).float(), target["boxes"].float(), p=1)
 
 
 class GIoUCost:
@@ -84,9 +89,9 @@ class GIoUCost:
         self.weight = weight
         self.eps = eps
 
-    def __call__(self, outputs: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
+    def __call__(self, pred: QueryPredictions, target: dict[str, Tensor]) -> Tensor:
         return -generalized_box_iou(
-            box_cxcywh_to_xyxy(outputs["pred_boxes"].float()),
+            box_cxcywh_to_xyxy(_need(pred.boxes, "boxes", self).float()),
             box_cxcywh_to_xyxy(target["boxes"].float()),
             eps=self.eps,
         )
@@ -100,7 +105,7 @@ class PointMaskCost:
     The two weights live inside because both costs must use the same points; the term's own ``weight`` is 1, or 0
     when both weights are 0 (the matcher then skips the term and draws no points).
 
-    Needs ``outputs["pred_masks"] (Q, H, W)`` logits and ``target["masks"] (n, Ht, Wt)`` covering the same (padded)
+    Needs ``pred.masks (Q, H, W)`` logits and ``target["masks"] (n, Ht, Wt)`` covering the same (padded)
     frame; points are in normalised coordinates, so the resolutions may differ.
     """
 
@@ -122,17 +127,17 @@ class PointMaskCost:
     def _points(self, device: torch.device) -> Tensor:
         return torch.rand(1, self.num_points, 2, device=device, generator=self.generator)
 
-    def on_empty_target(self, outputs: dict[str, Tensor]) -> None:
+    def on_empty_target(self, pred: QueryPredictions) -> None:
         """Draw (and drop) the points of an image without targets, as the official matcher does."""
-        self._points(outputs["pred_masks"].device)
+        self._points(_need(pred.masks, "masks", self).device)
 
-    def __call__(self, outputs: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
-        pred = outputs["pred_masks"].float()
-        tgt = target["masks"].to(device=pred.device, dtype=torch.float32)
-        coords = self._points(pred.device)
+    def __call__(self, pred: QueryPredictions, target: dict[str, Tensor]) -> Tensor:
+        masks = _need(pred.masks, "masks", self).float()
+        tgt = target["masks"].to(device=masks.device, dtype=torch.float32)
+        coords = self._points(masks.device)
         # float32 throughout: under autocast the (Q, P) x (P, n) products would otherwise run in half precision
-        with torch.autocast(device_type=pred.device.type, enabled=False):
-            p = point_sample(pred[:, None], coords.expand(pred.shape[0], -1, -1)).squeeze(1)  # (Q, P)
+        with torch.autocast(device_type=masks.device.type, enabled=False):
+            p = point_sample(masks[:, None], coords.expand(masks.shape[0], -1, -1)).squeeze(1)  # (Q, P)
             t = point_sample(tgt[:, None], coords.expand(tgt.shape[0], -1, -1)).squeeze(1)  # (n, P)
             pos = F.binary_cross_entropy_with_logits(p, torch.ones_like(p), reduction="none")
             neg = F.binary_cross_entropy_with_logits(p, torch.zeros_like(p), reduction="none")
@@ -144,14 +149,10 @@ class PointMaskCost:
             return self.weight_ce * cost_ce + self.weight_dice * cost_dice
 
 
-def per_image_outputs(outputs: dict, b: int, batch_size: int) -> dict[str, Tensor]:
-    """Image ``b``'s slice of every batched tensor ``(B, ...)`` in ``outputs``; other entries (lists, metadata) are
-    dropped."""
-    return {
-        k: v[b]
-        for k, v in outputs.items()
-        if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == batch_size
-    }
+def _need(x: Tensor | None, name: str, term: object) -> Tensor:
+    if x is None:
+        raise ValueError(f"matching cost {_term_name(term)} needs predicted {name}, which this output does not have")
+    return x
 
 
 def _term_name(term: object) -> str:
@@ -161,7 +162,7 @@ def _term_name(term: object) -> str:
 class HungarianMatcher(nn.Module):
     """Optimal one-to-one assignment of predictions to targets per image.
 
-    ``cost = sum_t term.weight * term(outputs_b, target_b)`` (``(Q, n)``), solved with
+    ``cost = sum_t term.weight * term(pred_b, target_b)`` (``(Q, n)``), solved with
     ``scipy.optimize.linear_sum_assignment``. Terms with weight 0 are skipped.
     """
 
@@ -171,16 +172,16 @@ class HungarianMatcher(nn.Module):
             raise ValueError("HungarianMatcher needs at least one cost term")
         self.cost_terms = list(cost_terms)
 
-    def cost_matrix(self, outputs_b: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
+    def cost_matrix(self, pred: QueryPredictions, target: dict[str, Tensor]) -> Tensor:
         """Weighted total cost ``(Q, n)`` float32 for one image; raises ValueError naming a non-finite term."""
         total = None
         for term in self.cost_terms:
             if term.weight == 0:
                 continue
-            c = term(outputs_b, target).float()
+            c = term(pred, target).float()
             if not torch.isfinite(c).all():
                 bad = (~torch.isfinite(c)).sum().item()
-                raise ValueError(
+                raise NonFiniteCostError(
                     f"matching cost term {_term_name(term)} produced {bad} non-finite value(s) "
                     f"(nan/inf) in its {tuple(c.shape)} cost matrix; check the predictions and targets"
                 )
@@ -191,31 +192,30 @@ class HungarianMatcher(nn.Module):
         return total
 
     @torch.no_grad()
-    def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    def forward(self, pred: QueryPredictions, targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
         """
         Args:
-            outputs: batched predictions, at least ``pred_logits (B, Q, C)``; every tensor ``(B, ...)`` is sliced per
-                image and handed to the cost terms.
+            pred: batched predictions ``logits (B, Q, C)`` (+ ``boxes``, ``masks`` as the terms need); each image's
+                slice is handed to the cost terms.
             targets: ``B`` dicts with ``labels (n,)`` and ``boxes (n, 4)`` (and whatever the terms need).
 
         Returns:
             per image ``(pred_idx (k,), tgt_idx (k,))`` int64 on the predictions' device, ``k = min(Q, n)``,
             sorted by ``pred_idx``.
         """
-        batch_size = len(targets)
-        device = outputs["pred_logits"].device
+        device = pred.logits.device
         indices = []
         for b, target in enumerate(targets):
             n = int(target["labels"].shape[0])
-            outputs_b = per_image_outputs(outputs, b, batch_size)
+            pred_b = pred.image(b)
             if n == 0:
                 for term in self.cost_terms:
                     if term.weight != 0 and hasattr(term, "on_empty_target"):
-                        term.on_empty_target(outputs_b)
+                        term.on_empty_target(pred_b)
                 empty = torch.zeros(0, dtype=torch.long, device=device)
                 indices.append((empty, empty.clone()))
                 continue
-            cost = self.cost_matrix(outputs_b, target)
+            cost = self.cost_matrix(pred_b, target)
             rows, cols = linear_sum_assignment(cost.cpu().numpy())
             indices.append(
                 (

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +15,7 @@ __all__ = [
     "QuerySelectionHead",
     "encoder_output_proposals",
     "gather_tokens",
+    "select_queries",
     "select_top_k",
 ]
 
@@ -98,63 +99,104 @@ def gather_tokens(x: Tensor, indices: Tensor) -> Tensor:
 
 @dataclass
 class QuerySelection:
-    """Result of ``QuerySelectionHead``.
+    """The top-``k`` encoder tokens chosen as queries (two-stage / mixed query selection).
 
     Attributes:
-        indices: ``(B, k)`` selected token indices.
-        content: ``(B, k, C)`` selected projected memory (NOT detached; detach it for the decoder's input as DINO).
-        boxes_unsigmoid: ``(B, k, 4)`` selected ``bbox_embed(output_memory) + proposals`` (not detached).
+        indices: ``(B, k)`` int64 token indices, sorted by decreasing score.
+        scores: ``(B, k)`` the max class logit of each selected token (the selection score).
+        content: ``(B, k, C)`` projected memory of the selected tokens (NOT detached: DINO and Mask DINO detach it
+            for the decoder's input and keep the live one for the encoder loss).
+        boxes_unsigmoid: ``(B, k, 4)`` ``box_head(content) + proposal`` in logit space (not detached).
         logits: ``(B, k, num_classes)`` class logits of the selected tokens.
-        output_memory: ``(B, S, C)`` projected memory of all tokens.
     """
 
     indices: Tensor
+    scores: Tensor
     content: Tensor
     boxes_unsigmoid: Tensor
     logits: Tensor
-    output_memory: Tensor
+
+
+def select_queries(
+    memory: Tensor,
+    padding_mask: Tensor | None,
+    spatial_shapes: Tensor | Sequence[Sequence[int]],
+    project: Callable[[Tensor], Tensor],
+    class_head: Callable[[Tensor], Tensor],
+    box_head: Callable[[Tensor], Tensor],
+    k: int,
+    exclude_padding: bool = True,
+    base_scale: float = 0.05,
+) -> QuerySelection:
+    """Two-stage query selection (Deformable DETR two-stage, DINO / Mask DINO).
+
+    ``output_memory = project(memory_masked)`` (DINO / Mask DINO: ``LayerNorm(Linear(.))``); every token is scored
+    by its max class logit ``class_head(output_memory).max(-1)``; the top ``k`` become queries with content
+    ``output_memory`` and box ``box_head(output_memory) + proposal`` (see :func:`encoder_output_proposals`). The box
+    head runs only on the ``k`` selected tokens: it is per token, so that equals gathering afterwards.
+
+    Args:
+        memory: ``(B, S, C)`` encoder output (levels in the memory's order).
+        padding_mask: ``(B, S)`` bool True=pad, or None.
+        spatial_shapes: ``(L, 2)`` ``(H, W)``; pass Python ints to keep the graph exportable.
+        project: ``(B, S, C) -> (B, S, C)``. class_head: ``C -> num_classes``. box_head: ``C -> 4``.
+        k: number of queries.
+        exclude_padding: padded tokens can never be selected (their memory is zeroed, so their score is a constant
+            that would otherwise make the selection depend on the padding). DINO's reference code does not
+            exclude them: pass False to reproduce it.
+        base_scale: anchor size at level 0.
+    """
+    memory_masked, proposals = encoder_output_proposals(memory, padding_mask, spatial_shapes, base_scale)
+    output_memory = project(memory_masked)
+    logits_all = class_head(output_memory)
+    scores = logits_all.max(-1).values  # (B, S)
+    if padding_mask is not None and exclude_padding:
+        scores = scores.masked_fill(padding_mask, float("-inf"))
+    indices = select_top_k(scores, k)
+    content = gather_tokens(output_memory, indices)
+    return QuerySelection(
+        indices=indices,
+        scores=torch.gather(scores, 1, indices),
+        content=content,
+        boxes_unsigmoid=box_head(content) + gather_tokens(proposals, indices),
+        logits=gather_tokens(logits_all, indices),
+    )
 
 
 class QuerySelectionHead(nn.Module):
-    """``output_memory = enc_output_norm(enc_output(memory_masked))``; class logits and box deltas come from heads
-    passed in (in DINO / Mask DINO the decoder's own ``class_embed`` and ``bbox_embed``); the top ``k`` tokens by max
-    class logit become the queries.
+    """:func:`select_queries` with its own projection ``enc_output_norm(enc_output(.))`` (submodules ``enc_output``:
+    Linear C->C, ``enc_output_norm``: LayerNorm, as in the official DINO / Mask DINO code); the class and box heads
+    are passed in (in DINO / Mask DINO the decoder's own ``class_embed`` and ``bbox_embed``)."""
 
-    Submodules ``enc_output`` (Linear C->C) and ``enc_output_norm`` (LayerNorm) as in the official code.
-    """
-
-    def __init__(self, d_model: int = 256, base_scale: float = 0.05):
+    def __init__(self, d_model: int = 256, base_scale: float = 0.05, exclude_padding: bool = True):
         super().__init__()
         self.enc_output = nn.Linear(d_model, d_model)
         self.enc_output_norm = nn.LayerNorm(d_model)
         self.base_scale = base_scale
+        self.exclude_padding = exclude_padding
+
+    def project(self, memory: Tensor) -> Tensor:
+        """``(B, S, C) -> (B, S, C)``."""
+        return self.enc_output_norm(self.enc_output(memory))
 
     def forward(
         self,
         memory: Tensor,
         padding_mask: Tensor | None,
-        spatial_shapes: Tensor,
+        spatial_shapes: Tensor | Sequence[Sequence[int]],
         class_embed: nn.Module,
         bbox_embed: nn.Module,
         k: int,
     ) -> QuerySelection:
-        """
-        Args:
-            memory: ``(B, S, C)``. padding_mask: ``(B, S)`` bool or None. spatial_shapes: ``(L, 2)``.
-            class_embed: ``(..., C) -> (..., num_classes)``. bbox_embed: ``(..., C) -> (..., 4)``.
-            k: number of queries.
-        """
-        memory_masked, proposals = encoder_output_proposals(
-            memory, padding_mask, spatial_shapes, self.base_scale
-        )
-        output_memory = self.enc_output_norm(self.enc_output(memory_masked))
-        logits_all = class_embed(output_memory)
-        boxes_all = bbox_embed(output_memory) + proposals
-        indices = select_top_k(logits_all.max(-1).values, k)
-        return QuerySelection(
-            indices=indices,
-            content=gather_tokens(output_memory, indices),
-            boxes_unsigmoid=gather_tokens(boxes_all, indices),
-            logits=gather_tokens(logits_all, indices),
-            output_memory=output_memory,
+        """See :func:`select_queries`."""
+        return select_queries(
+            memory,
+            padding_mask,
+            spatial_shapes,
+            self.project,
+            class_embed,
+            bbox_embed,
+            k,
+            exclude_padding=self.exclude_padding,
+            base_scale=self.base_scale,
         )

@@ -11,11 +11,13 @@ from maskdino.data.build import (
     collate_list,
 )
 from maskdino.data.coco import DatasetMetadata, InstanceDataset, load_coco_instances, read_image
+from maskdino.data.errors import DataError
 from maskdino.data.panoptic import PanopticDataset, load_coco_panoptic
 from maskdino.data.synthetic import generate_synthetic
 from maskdino.data.transforms import LargeScaleJitter, ResizeShortestEdge
 
 __all__ = [
+    "DataError",
     "DatasetMetadata",
     "EvalSpec",
     "InferenceSampler",

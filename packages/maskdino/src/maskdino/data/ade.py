@@ -17,6 +17,7 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from maskdino.data.coco import DatasetMetadata, RecordDataset, read_image_and_map
+from maskdino.data.errors import DataError
 from maskdino.data.transforms import SEM_SEG_IGNORE, masks_to_boxes
 
 __all__ = ["SemanticDataset", "ade_label_to_contiguous", "load_sem_seg", "read_label_png"]
@@ -38,7 +39,7 @@ def read_label_png(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"label PNG not found: {path}")
     with Image.open(path) as img:
         if img.mode not in ("L", "P", "I", "I;16"):
-            raise ValueError(f"{path}: label PNG must be single-channel (mode L/P/I), got mode {img.mode}")
+            raise DataError(f"{path}: label PNG must be single-channel (mode L/P/I), got mode {img.mode}")
         return np.asarray(img).astype(np.int64)
 
 
@@ -61,7 +62,7 @@ def load_sem_seg(
             w, h = img.size
         records.append({"file_name": str(p), "sem_seg_file_name": str(lab), "image_id": i, "height": h, "width": w})
     if not records:
-        raise ValueError(f"no images found in {image_dir}")
+        raise DataError(f"no images found in {image_dir}")
     meta = DatasetMetadata(
         names=names or [f"class_{k}" for k in range(num_classes)],
         dataset_ids=list(range(1, num_classes + 1)),
@@ -77,7 +78,7 @@ class SemanticDataset(RecordDataset):
         image, raw = read_image_and_map(rec, "sem_seg_file_name", read_label_png, "label")
         h, w = raw.shape
         if raw.max(initial=0) > self.metadata.num_classes:
-            raise ValueError(
+            raise DataError(
                 f"{rec['sem_seg_file_name']}: label {int(raw.max())} exceeds the {self.metadata.num_classes} classes"
             )
         sem = torch.from_numpy(ade_label_to_contiguous(raw))

@@ -1,4 +1,4 @@
-"""Samplers, collation and dataset construction from a :class:`~maskdino.engine.config.DataConfig`."""
+"""Samplers, collation and dataset construction from a :class:`~maskdino.config.DataConfig`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from maskdino.data.ade import SemanticDataset, load_sem_seg
-from maskdino.data.coco import DatasetMetadata, InstanceDataset, load_coco_instances
+from maskdino.data.coco import DatasetMetadata, InstanceDataset, RecordDataset, load_coco_instances
+from maskdino.data.errors import DataError
 from maskdino.data.panoptic import PanopticDataset, load_coco_panoptic
 from maskdino.data.synthetic import generate_synthetic, synthetic_paths
 from maskdino.data.transforms import LargeScaleJitter, ResizeShortestEdge
@@ -62,7 +63,7 @@ class TrainingSampler(Sampler):
         shuffle: bool = True,
     ) -> None:
         if size <= 0:
-            raise ValueError("TrainingSampler: the training set is empty")
+            raise DataError("TrainingSampler: the training set is empty")
         self.size = size
         self.batch_size = batch_size
         self.seed = seed
@@ -116,9 +117,20 @@ class EvalSpec:
     semantic: bool = False
 
 
+def _on_main_process_first(fn) -> None:
+    """Run ``fn`` on rank 0 only, then let every rank of a torch.distributed job continue (e.g. generating data)."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
+        fn()
+    if distributed:
+        dist.barrier()
+
+
 def _require(value: str | None, key: str) -> str:
     if not value:
-        raise ValueError(f"data.{key} must be set for this data.kind")
+        raise DataError(f"data.{key} must be set for this data.kind")
     return value
 
 
@@ -129,19 +141,21 @@ def build_datasets(data_cfg, num_classes: int | None = None, splits: tuple[str, 
     """
     c = data_cfg
     train_tf = LargeScaleJitter(c.image_size, c.min_scale, c.max_scale, c.flip_prob)
-    test_tf = ResizeShortestEdge(c.test_short_edge, c.test_max_size)
-    train_ds = val_ds = None
+    test_tf = ResizeShortestEdge(c.test_short_edge, c.test_max_size, backend=c.test_resize)
+    train_ds: RecordDataset | None = None
+    val_ds: RecordDataset | None = None
+    meta: DatasetMetadata | None = None
     spec = EvalSpec()
     if c.kind in ("synthetic", "coco_panoptic"):
         if c.kind == "synthetic":
-            from maskdino.engine.distributed import barrier, is_main_process
-
-            if is_main_process():
-                generate_synthetic(c.root, c.synthetic_seed, c.synthetic_train, c.synthetic_val, c.synthetic_size)
-            barrier()
+            _on_main_process_first(
+                lambda: generate_synthetic(
+                    c.root, c.synthetic_seed, c.synthetic_train, c.synthetic_val, c.synthetic_size
+                )
+            )
             tr, va = synthetic_paths(c.root, "train"), synthetic_paths(c.root, "val")
-            train_args = (tr["panoptic_json"], tr["panoptic"], tr["images"])
-            val_args = (va["panoptic_json"], va["panoptic"], va["images"])
+            train_args: tuple[str | Path, ...] = (tr["panoptic_json"], tr["panoptic"], tr["images"])
+            val_args: tuple[str | Path, ...] = (va["panoptic_json"], va["panoptic"], va["images"])
             inst_json = str(va["instances_json"])
         else:
             train_args = (_require(c.train_json, "train_json"), _require(c.train_panoptic, "train_panoptic"),
@@ -175,7 +189,7 @@ def build_datasets(data_cfg, num_classes: int | None = None, splits: tuple[str, 
             spec = EvalSpec(instances_json=vj)
     elif c.kind == "semantic":
         if num_classes is None:
-            raise ValueError("semantic datasets need the model's num_classes")
+            raise DataError("semantic datasets need the model's num_classes")
         names = c.class_names or None
         meta = None
         if "train" in splits:
@@ -189,9 +203,10 @@ def build_datasets(data_cfg, num_classes: int | None = None, splits: tuple[str, 
             val_ds = SemanticDataset(recs, meta, test_tf)
             spec = EvalSpec(semantic=True)
     else:
-        raise ValueError(f"unknown data.kind {c.kind!r}")
+        raise DataError(f"unknown data.kind {c.kind!r}")
+    assert meta is not None
     if num_classes is not None and meta.num_classes != num_classes:
-        raise ValueError(
+        raise DataError(
             f"the dataset has {meta.num_classes} classes ({meta.names[:5]}...) but model.num_classes is {num_classes}"
         )
     if val_ds is not None and c.max_val_images:

@@ -27,6 +27,8 @@ from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 
+from maskdino.data.errors import DataError
+
 __all__ = [
     "DatasetMetadata",
     "InstanceDataset",
@@ -59,7 +61,7 @@ class DatasetMetadata:
         if not self.colors:
             self.colors = [_default_color(k) for k in range(len(self.names))]
         if not (len(self.names) == len(self.dataset_ids) == len(self.isthing) == len(self.colors)):
-            raise ValueError("DatasetMetadata: names, dataset_ids, isthing and colors must have the same length")
+            raise DataError("DatasetMetadata: names, dataset_ids, isthing and colors must have the same length")
 
     @property
     def num_classes(self) -> int:
@@ -88,7 +90,7 @@ class DatasetMetadata:
             names=list(d["names"]),
             dataset_ids=[int(i) for i in d["dataset_ids"]],
             isthing=[bool(t) for t in d.get("isthing", [])],
-            colors=[tuple(int(v) for v in c) for c in d.get("colors", [])],
+            colors=[(int(c[0]), int(c[1]), int(c[2])) for c in d.get("colors", [])],
         )
 
     @classmethod
@@ -97,9 +99,9 @@ class DatasetMetadata:
         seen: set[int] = set()
         for cat in categories:
             if "id" not in cat:
-                raise ValueError(f"{source}: category without an 'id': {cat}")
+                raise DataError(f"{source}: category without an 'id': {cat}")
             if cat["id"] in seen:
-                raise ValueError(f"{source}: duplicate category id {cat['id']}")
+                raise DataError(f"{source}: duplicate category id {cat['id']}")
             seen.add(int(cat["id"]))
         cats = sorted(categories, key=lambda c: int(c["id"]))
         return cls(
@@ -127,7 +129,7 @@ def read_json(path: str | Path) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid json ({e})") from e
+        raise DataError(f"{path}: not valid json ({e})") from e
 
 
 def read_image(path: str | Path) -> torch.Tensor:
@@ -149,7 +151,7 @@ def read_image(path: str | Path) -> torch.Tensor:
                 img = Image.fromarray(arr, mode="L")
             rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
     except OSError as e:
-        raise ValueError(f"{path}: cannot decode image ({e})") from e
+        raise DataError(f"{path}: cannot decode image ({e})") from e
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -165,7 +167,7 @@ def read_image_and_map(
     h, w = image.shape[-2:]
     pixel_map = read_map(rec[map_key])
     if pixel_map.shape != (h, w):
-        raise ValueError(f"{rec[map_key]}: {what} is {pixel_map.shape[::-1]} but the image is {(w, h)}")
+        raise DataError(f"{rec[map_key]}: {what} is {pixel_map.shape[::-1]} but the image is {(w, h)}")
     return image, pixel_map
 
 
@@ -178,10 +180,10 @@ def decode_segmentation(segm: Any, height: int, width: int, where: str = "") -> 
         if isinstance(segm, list):
             polys = [p for p in segm if len(p) > 0]
             if not polys:
-                raise ValueError("empty polygon list")
+                raise DataError("empty polygon list")
             for p in polys:
                 if not isinstance(p, list) or len(p) < 6 or len(p) % 2 != 0:
-                    raise ValueError(
+                    raise DataError(
                         "polygon must be a flat list of at least 3 (x, y) pairs, got "
                         f"{len(p) if isinstance(p, list) else type(p).__name__} values"
                     )
@@ -189,22 +191,22 @@ def decode_segmentation(segm: Any, height: int, width: int, where: str = "") -> 
             rle = mask_utils.merge(rles)
         elif isinstance(segm, dict):
             if "counts" not in segm or "size" not in segm:
-                raise ValueError("RLE must have 'counts' and 'size'")
+                raise DataError("RLE must have 'counts' and 'size'")
             h, w = (int(v) for v in segm["size"])
             if (h, w) != (height, width):
-                raise ValueError(f"RLE size {[h, w]} differs from the image size {[height, width]}")
+                raise DataError(f"RLE size {[h, w]} differs from the image size {[height, width]}")
             if isinstance(segm["counts"], list):
                 rle = mask_utils.frPyObjects(segm, h, w)
             else:
                 counts = segm["counts"]
                 rle = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
         else:
-            raise ValueError(f"unsupported segmentation type {type(segm).__name__}")
+            raise DataError(f"unsupported segmentation type {type(segm).__name__}")
         m = mask_utils.decode(rle)
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise DataError(f"{where}: {e}") from None
     except Exception as e:  # pycocotools raises bare Exceptions/TypeErrors on corrupt RLE strings
-        raise ValueError(f"{where}: cannot decode segmentation ({type(e).__name__}: {e})") from None
+        raise DataError(f"{where}: cannot decode segmentation ({type(e).__name__}: {e})") from None
     if m.ndim == 3:
         m = m.any(axis=2)
     return m.astype(bool)
@@ -212,13 +214,13 @@ def decode_segmentation(segm: Any, height: int, width: int, where: str = "") -> 
 
 def _check_bbox(bbox: Any, where: str) -> list[float]:
     if not isinstance(bbox, list | tuple) or len(bbox) != 4:
-        raise ValueError(f"{where}: 'bbox' must be [x, y, w, h], got {bbox!r}")
+        raise DataError(f"{where}: 'bbox' must be [x, y, w, h], got {bbox!r}")
     try:
         x, y, w, h = (float(v) for v in bbox)
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: 'bbox' has non-numeric values {bbox!r}") from None
+        raise DataError(f"{where}: 'bbox' has non-numeric values {bbox!r}") from None
     if not all(np.isfinite([x, y, w, h])) or w < 0 or h < 0:
-        raise ValueError(f"{where}: invalid 'bbox' {bbox!r} (negative or non-finite size)")
+        raise DataError(f"{where}: invalid 'bbox' {bbox!r} (negative or non-finite size)")
     return [x, y, w, h]
 
 
@@ -232,7 +234,7 @@ def read_coco_json(
     data = read_json(json_path)
     for key in ("images", "annotations", "categories"):
         if key not in data:
-            raise ValueError(f"{json_path}: missing top-level key '{key}'")
+            raise DataError(f"{json_path}: missing top-level key '{key}'")
     if metadata is None:
         metadata = DatasetMetadata.from_coco_categories(data["categories"], str(json_path))
     return data, metadata
@@ -246,7 +248,7 @@ def iter_image_records(data: dict[str, Any], json_path: Path) -> Iterator[dict[s
     for img in data["images"]:
         for key in ("id", "file_name", "height", "width"):
             if key not in img:
-                raise ValueError(f"{json_path}: image record {img.get('id', '?')} has no '{key}'")
+                raise DataError(f"{json_path}: image record {img.get('id', '?')} has no '{key}'")
         yield img
 
 
@@ -278,7 +280,7 @@ def load_coco_instances(
     for img in iter_image_records(data, json_path):
         iid = int(img["id"])
         if iid in records:
-            raise ValueError(f"{json_path}: duplicate image id {iid}")
+            raise DataError(f"{json_path}: duplicate image id {iid}")
         records[iid] = {
             "file_name": str(image_root / img["file_name"]),
             "image_id": iid,
@@ -293,19 +295,19 @@ def load_coco_instances(
         where = f"{json_path}: annotation id {aid}"
         for key in ("id", "image_id", "category_id", "bbox"):
             if key not in ann:
-                raise ValueError(f"{where}: missing '{key}'")
+                raise DataError(f"{where}: missing '{key}'")
         if aid in seen_ann:
-            raise ValueError(f"{where}: duplicate annotation id")
+            raise DataError(f"{where}: duplicate annotation id")
         seen_ann.add(aid)
         rec = records.get(int(ann["image_id"]))
         if rec is None:
-            raise ValueError(f"{where}: refers to unknown image id {ann['image_id']}")
+            raise DataError(f"{where}: refers to unknown image id {ann['image_id']}")
         if int(ann["category_id"]) not in to_contig:
-            raise ValueError(f"{where}: unknown category id {ann['category_id']}")
+            raise DataError(f"{where}: unknown category id {ann['category_id']}")
         bbox = _check_bbox(ann["bbox"], where)
         segm = ann.get("segmentation")
         if segm is not None and not isinstance(segm, list | dict):
-            raise ValueError(f"{where}: unsupported segmentation type {type(segm).__name__}")
+            raise DataError(f"{where}: unsupported segmentation type {type(segm).__name__}")
         rec["annotations"].append(
             {
                 "id": aid,
@@ -353,8 +355,10 @@ class RecordDataset(torch.utils.data.Dataset):
 
         seed = None
         if isinstance(index, tuple | list):
-            index, seed = int(index[0]), int(index[1])
-        rec = self.records[index]
+            position, seed = int(index[0]), int(index[1])
+        else:
+            position = int(index)
+        rec = self.records[position]
         sample = self._after_transform(apply_seeded(self.transform, self._load(rec), seed))
         return finalize_sample(sample, rec, self.box_from_mask)
 
@@ -382,7 +386,7 @@ class InstanceDataset(RecordDataset):
         image = read_image(rec["file_name"])
         h, w = image.shape[-2:]
         if (h, w) != (rec["height"], rec["width"]):
-            raise ValueError(
+            raise DataError(
                 f"{rec['file_name']}: image is {w}x{h} but the annotation file says "
                 f"{rec['width']}x{rec['height']} (image id {rec['image_id']})"
             )

@@ -22,6 +22,7 @@ from maskdino.data.coco import (
     read_coco_json,
     read_image_and_map,
 )
+from maskdino.data.errors import DataError
 from maskdino.data.transforms import SEM_SEG_IGNORE, masks_to_boxes
 
 __all__ = ["PanopticDataset", "id2rgb", "load_coco_panoptic", "read_panoptic_png", "rgb2id"]
@@ -45,7 +46,7 @@ def read_panoptic_png(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"panoptic PNG not found: {path}")
     with Image.open(path) as img:
         if img.mode != "RGB":
-            raise ValueError(f"{path}: panoptic PNG must be RGB (ids encoded as R + 256 G + 256^2 B), got mode {img.mode}")
+            raise DataError(f"{path}: panoptic PNG must be RGB (ids encoded as R + 256 G + 256^2 B), got mode {img.mode}")
         return rgb2id(np.asarray(img))
 
 
@@ -67,24 +68,24 @@ def load_coco_panoptic(
     data, metadata = read_coco_json(json_path, metadata)
     to_contig = metadata.dataset_to_contiguous
     images = {int(img["id"]): img for img in iter_image_records(data, json_path)}
-    records = []
+    records: list[dict[str, Any]] = []
     for ann in data["annotations"]:
         iid = ann.get("image_id", "?")
         where = f"{json_path}: annotation of image id {iid}"
         for key in ("image_id", "file_name", "segments_info"):
             if key not in ann:
-                raise ValueError(f"{where}: missing '{key}'")
+                raise DataError(f"{where}: missing '{key}'")
         img = images.get(int(ann["image_id"]))
         if img is None:
-            raise ValueError(f"{where}: refers to unknown image id")
+            raise DataError(f"{where}: refers to unknown image id")
         segs = []
         for s in ann["segments_info"]:
             sw = f"{where}: segment id {s.get('id', '?')}"
             for key in ("id", "category_id"):
                 if key not in s:
-                    raise ValueError(f"{sw}: missing '{key}'")
+                    raise DataError(f"{sw}: missing '{key}'")
             if int(s["category_id"]) not in to_contig:
-                raise ValueError(f"{sw}: unknown category id {s['category_id']}")
+                raise DataError(f"{sw}: unknown category id {s['category_id']}")
             k = to_contig[int(s["category_id"])]
             segs.append(
                 {
@@ -122,7 +123,7 @@ def panoptic_to_targets(
     for s in segments_info:
         m = ids == s["id"]
         if not m.any():
-            raise ValueError(f"{where}: segment id {s['id']} has no pixels in the PNG")
+            raise DataError(f"{where}: segment id {s['id']} has no pixels in the PNG")
         sem[m] = s["category_id"]
         if s["iscrowd"]:
             continue
@@ -140,7 +141,7 @@ class PanopticDataset(RecordDataset):
     def __init__(self, records: list[dict[str, Any]], metadata: DatasetMetadata, transform=None) -> None:
         super().__init__(records, metadata, transform)
         if metadata.num_classes > 255:
-            raise ValueError("PanopticDataset: more than 255 classes do not fit the uint8 semantic map")
+            raise DataError("PanopticDataset: more than 255 classes do not fit the uint8 semantic map")
 
     def _load(self, rec: dict[str, Any]) -> dict[str, Any]:
         image, ids = read_image_and_map(rec, "pan_seg_file_name", read_panoptic_png, "PNG")

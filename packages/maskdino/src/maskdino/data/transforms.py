@@ -16,11 +16,14 @@ masks move together with the image; every random draw uses torch's global RNG, w
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torchvision.transforms.v2.functional as F
 from torchvision import tv_tensors
+
+from detr_core import box_ops
+from maskdino.data.errors import DataError
 
 __all__ = ["Compose", "LargeScaleJitter", "RandomHorizontalFlip", "ResizeShortestEdge", "apply_seeded", "masks_to_boxes"]
 
@@ -44,26 +47,9 @@ def apply_seeded(transform, sample: dict[str, Any], seed: int | None) -> dict[st
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """Tight xyxy boxes (pixel edges, so a single pixel at (x, y) gives [x, y, x+1, y+1]) of bool masks (n, H, W).
-
-    Empty masks give [0, 0, 0, 0].
-    """
-    n = masks.shape[0]
-    if n == 0:
-        return torch.zeros((0, 4), dtype=torch.float32)
-    rows = masks.any(dim=2)  # (n, H)
-    cols = masks.any(dim=1)  # (n, W)
-    h, w = masks.shape[-2:]
-    ar_h = torch.arange(h, device=masks.device)
-    ar_w = torch.arange(w, device=masks.device)
-    big = max(h, w) + 1
-    y0 = torch.where(rows, ar_h, big).amin(1)
-    y1 = torch.where(rows, ar_h, -1).amax(1) + 1
-    x0 = torch.where(cols, ar_w, big).amin(1)
-    x1 = torch.where(cols, ar_w, -1).amax(1) + 1
-    boxes = torch.stack([x0, y0, x1, y1], 1).float()
-    boxes[~rows.any(1)] = 0.0
-    return boxes
+    """Tight xyxy boxes of bool masks ``(n, H, W)`` to the pixel edges (a single pixel at ``(x, y)`` gives
+    ``[x, y, x + 1, y + 1]``, detectron2's ``BitMasks`` convention); empty masks give ``[0, 0, 0, 0]``."""
+    return box_ops.masks_to_boxes(masks, pixel_edges=True)
 
 
 class Compose:
@@ -127,7 +113,7 @@ class LargeScaleJitter:
 
     def __init__(self, size: int, min_scale: float = 0.1, max_scale: float = 2.0, flip_prob: float = 0.5) -> None:
         if not 0 < min_scale <= max_scale:
-            raise ValueError(f"LargeScaleJitter: need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
+            raise DataError(f"LargeScaleJitter: need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
         self.size = int(size)
         self.min_scale = float(min_scale)
         self.max_scale = float(max_scale)
@@ -162,29 +148,61 @@ class LargeScaleJitter:
 
 
 class ResizeShortestEdge:
-    """Resize so the shorter side is ``short_edge`` and the longer at most ``max_size`` (aspect preserved)."""
+    """Resize so the shorter side is ``short_edge`` and the longer at most ``max_size`` (aspect preserved).
 
-    def __init__(self, short_edge: int, max_size: int = 1333) -> None:
+    ``backend``: ``tensor`` resizes with torchvision's antialiased bilinear on the uint8 tensor (the training
+    augmentation's resize); ``pil`` with PIL's bilinear on the uint8 image, exactly as detectron2's
+    ``ResizeShortestEdge`` (the test-time resize the official checkpoints were evaluated with). Masks and label maps
+    are always resized with nearest neighbour.
+    """
+
+    def __init__(self, short_edge: int, max_size: int = 1333, backend: Literal["tensor", "pil"] = "tensor") -> None:
+        if backend not in ("tensor", "pil"):
+            raise ValueError(f"ResizeShortestEdge: backend must be 'tensor' or 'pil', got {backend!r}")
         self.short_edge = int(short_edge)
         self.max_size = int(max_size)
+        self.backend = backend
 
     def __repr__(self) -> str:
-        return f"ResizeShortestEdge({self.short_edge}, max_size={self.max_size})"
+        return f"ResizeShortestEdge({self.short_edge}, max_size={self.max_size}, backend={self.backend!r})"
 
     @staticmethod
     def output_size(h: int, w: int, short_edge: int, max_size: int) -> tuple[int, int]:
-        scale = short_edge / min(h, w)
-        if max(h, w) * scale > max_size:
-            scale = max_size / max(h, w)
-        # Same rounding as detectron2's ResizeShortestEdge (int(x + 0.5)).
-        return int(h * scale + 0.5), int(w * scale + 0.5)
+        """detectron2's ``ResizeShortestEdge.get_output_shape``, operation by operation (the same float rounding):
+        the shorter side becomes ``short_edge``; if the longer then exceeds ``max_size`` both are scaled down; each
+        side is rounded with ``int(x + 0.5)``."""
+        size = float(short_edge)
+        scale = size / min(h, w)
+        new_h, new_w = (size, scale * w) if h < w else (scale * h, size)
+        if max(new_h, new_w) > max_size:
+            scale = max_size * 1.0 / max(new_h, new_w)
+            new_h, new_w = new_h * scale, new_w * scale
+        return int(new_h + 0.5), int(new_w + 0.5)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         h, w = sample["image"].shape[-2:]
         new_h, new_w = self.output_size(h, w, self.short_edge, self.max_size)
         if (new_h, new_w) == (h, w):
             return sample
-        return _resize(sample, new_h, new_w)
+        if self.backend == "tensor":
+            return _resize(sample, new_h, new_w)
+        image = sample["image"]
+        out = _resize({k: v for k, v in sample.items() if k != "image"}, new_h, new_w)
+        out["image"] = tv_tensors.wrap(pil_bilinear_resize(image, new_h, new_w), like=image)
+        return out
+
+
+def pil_bilinear_resize(image: torch.Tensor, new_h: int, new_w: int) -> torch.Tensor:
+    """``(3, H, W)`` uint8 -> ``(3, new_h, new_w)`` uint8 with ``PIL.Image.resize(..., BILINEAR)`` (detectron2's
+    ``ResizeTransform`` on uint8 images)."""
+    import numpy as np
+    from PIL import Image
+
+    if image.dtype != torch.uint8:
+        raise ValueError(f"PIL resize needs a uint8 image, got {image.dtype}")
+    arr = image.as_subclass(torch.Tensor).permute(1, 2, 0).contiguous().numpy()
+    resized = Image.fromarray(arr).resize((new_w, new_h), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).contiguous()
 
 
 def pad_to_multiple(size: int, divisor: int) -> int:

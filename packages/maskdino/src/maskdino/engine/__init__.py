@@ -1,15 +1,7 @@
-"""Training, evaluation and tooling: experiment configs, optimizer/schedule, trainer, checkpoints, DDP helpers."""
+"""Training and evaluation: the train loop (:mod:`.trainer`), evaluation on a val split (:mod:`.evaluation`),
+optimizer and schedule (:mod:`.optim`), metrics logging (:mod:`.metrics`), torch.distributed helpers
+(:mod:`.distributed`) and the CPU demo (:mod:`.demo`)."""
 
-from maskdino.engine.config import ExperimentConfig, apply_overrides, get_experiment, load_experiment
 from maskdino.engine.trainer import NonFiniteLossError, Trainer, TrainResult, train
 
-__all__ = [
-    "ExperimentConfig",
-    "NonFiniteLossError",
-    "TrainResult",
-    "Trainer",
-    "apply_overrides",
-    "get_experiment",
-    "load_experiment",
-    "train",
-]
+__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "train"]

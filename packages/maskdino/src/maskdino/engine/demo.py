@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from maskdino.engine.config import ExperimentConfig, apply_overrides, get_experiment
-from maskdino.engine.evaluation import format_metrics
+from maskdino.config import ExperimentConfig, apply_overrides, get_experiment
+from maskdino.engine.metrics import format_metrics
 
 __all__ = ["demo_config", "run_demo", "write_prediction_pictures"]
 
@@ -57,7 +57,7 @@ def _clean_train_dir(path: Path) -> None:
 def write_prediction_pictures(model, dataset, meta, out_dir: str | Path, num: int = 8, score_threshold: float = 0.3):
     """For the first ``num`` images: input | instances (masks, boxes, labels, scores) | panoptic, side by side."""
     from maskdino.data.coco import read_image
-    from maskdino.engine.visualize import draw_instances, draw_panoptic, save_image
+    from maskdino.inference.visualize import draw_instances, draw_panoptic, save_image
 
     out_dir = Path(out_dir)
     model.eval()
@@ -97,7 +97,7 @@ def run_demo(
 ) -> dict:
     from maskdino.data.synthetic import generate_synthetic
     from maskdino.engine.trainer import Trainer
-    from maskdino.engine.visualize import plot_loss_curve
+    from maskdino.inference.visualize import plot_loss_curve
 
     t0 = time.perf_counter()
     n_threads = choose_threads(threads)

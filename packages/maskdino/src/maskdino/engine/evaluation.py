@@ -23,8 +23,9 @@ from maskdino.data.build import EvalSpec, build_test_loader
 from maskdino.data.coco import DatasetMetadata
 from maskdino.data.panoptic import panoptic_to_targets, read_panoptic_png
 from maskdino.engine.distributed import get_rank, get_world_size
+from maskdino.engine.metrics import format_metrics, json_safe
 
-__all__ = ["evaluate", "gt_semantic_map", "instances_to_eval_output", "panoptic_to_eval_output"]
+__all__ = ["evaluate", "format_metrics", "gt_semantic_map", "instances_to_eval_output", "panoptic_to_eval_output"]
 
 
 def gt_semantic_map(sample: dict[str, Any]) -> np.ndarray:
@@ -67,7 +68,9 @@ def panoptic_to_eval_output(pan, meta: DatasetMetadata) -> dict[str, Any]:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    inner = getattr(model, "module", model)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 @torch.no_grad()
@@ -91,10 +94,11 @@ def evaluate(
     net = _unwrap(model)
     was_training = net.training
     net.eval()
-    inf = getattr(getattr(net, "cfg", None), "inference", None)
-    instance_on = getattr(inf, "instance_on", True)
-    panoptic_on = getattr(inf, "panoptic_on", False)
-    semantic_on = getattr(inf, "semantic_on", False)
+    post = getattr(net, "postprocessor", None)
+    default_tasks = post.tasks if post is not None else frozenset({"instance"})
+    instance_on = "instance" in default_tasks
+    panoptic_on = "panoptic" in default_tasks
+    semantic_on = "semantic" in default_tasks
 
     inst_eval = pan_eval = sem_eval = None
     allowed = None
@@ -141,23 +145,14 @@ def evaluate(
         if output_dir is not None:
             out = Path(output_dir)
             out.mkdir(parents=True, exist_ok=True)
-            from maskdino.engine.trainer import json_safe
-
             (out / "metrics.json").write_text(json.dumps(json_safe(results), indent=1))
             if inst_eval is not None and get_world_size() == 1:
                 inst_eval.save_results(out / "coco_instances_results.json")
     return results
 
 
-def _predict(net: nn.Module, images, sizes, tasks: dict[str, bool]):
+def _predict(net: Any, images, sizes, tasks: dict[str, bool]):
     try:
         return net.predict(images, original_sizes=sizes, tasks=[k for k, v in tasks.items() if v] or None)
     except TypeError:
         return net.predict(images, original_sizes=sizes)
-
-
-def format_metrics(results: dict[str, float]) -> str:
-    """One line with the headline numbers."""
-    keys = [("bbox/AP", "box AP"), ("segm/AP", "mask AP"), ("panoptic/PQ", "PQ"), ("sem_seg/mIoU", "mIoU")]
-    parts = [f"{name} {results[k]:.1f}" for k, name in keys if k in results]
-    return ", ".join(parts) if parts else "(no metrics)"

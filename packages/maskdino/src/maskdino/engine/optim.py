@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from maskdino.engine.config import SolverConfig
+from maskdino.config import SolverConfig
 
 __all__ = ["WarmupSchedule", "build_lr_scheduler", "build_optimizer", "clip_gradients", "param_groups"]
 
@@ -62,7 +62,8 @@ def param_groups(model: nn.Module, cfg: SolverConfig) -> list[dict[str, Any]]:
 def build_optimizer(model: nn.Module, cfg: SolverConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.base_lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        betas = (float(cfg.betas[0]), float(cfg.betas[1]))
+        return torch.optim.AdamW(groups, lr=cfg.base_lr, betas=betas, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=cfg.base_lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 

@@ -15,27 +15,29 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from maskdino.data.build import build_datasets, build_train_loader, save_metadata
-from maskdino.engine.checkpointing import (
+from detr_core.matcher import NonFiniteCostError
+from maskdino.checkpoints.training import (
+    MissingCheckpointError,
     capture_rng_state,
     find_last_checkpoint,
-    load_model_weights,
     load_training_checkpoint,
+    remove_orphaned_checkpoint_files,
     restore_rng_state,
     save_training_checkpoint,
 )
-from maskdino.engine.config import ExperimentConfig
+from maskdino.checkpoints.weights import load_model_weights
+from maskdino.config import ExperimentConfig
+from maskdino.data.build import build_datasets, build_train_loader, save_metadata
 from maskdino.engine.distributed import (
     all_reduce_mean,
     barrier,
@@ -44,7 +46,8 @@ from maskdino.engine.distributed import (
     is_dist,
     reduce_loss_dict,
 )
-from maskdino.engine.evaluation import evaluate, format_metrics
+from maskdino.engine.evaluation import evaluate
+from maskdino.engine.metrics import format_metrics, json_safe
 from maskdino.engine.optim import build_lr_scheduler, build_optimizer, clip_gradients
 
 __all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "train"]
@@ -62,17 +65,6 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
     train_seconds: float = 0.0
-
-
-def json_safe(obj: Any) -> Any:
-    """NaN/inf -> None (e.g. AP of an object size absent from the val set), so files stay strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def seed_everything(seed: int) -> None:
@@ -118,6 +110,8 @@ class Trainer:
         self.output_dir = Path(t.output_dir)
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            for orphan in remove_orphaned_checkpoint_files(self.output_dir):
+                self.log(f"removed {orphan.name}, left by an interrupted checkpoint write")
             cfg.save(self.output_dir / "config.yaml")
         per_step = t.ims_per_batch // t.accumulate
         if per_step % self.world:
@@ -127,7 +121,7 @@ class Trainer:
         self.batch_per_rank = per_step // self.world
         seed_everything(t.seed)
         if model is None:
-            from maskdino.model import build_model
+            from maskdino.modeling import build_model
 
             model = build_model(cfg.model)
         self.model = model.to(self.device)
@@ -150,11 +144,9 @@ class Trainer:
 
         self.iteration = 0
         self.consumed = 0  # samples of the global stream consumed (all ranks)
+        self._last_saved: Path | None = None
         if resume:
-            ckpt_path = find_last_checkpoint(self.output_dir)
-            ckpt_path = broadcast_object(str(ckpt_path) if ckpt_path else None)
-            if ckpt_path:
-                self._load(Path(ckpt_path))
+            self._resume()
         if self.rank == 0:
             self._trim_metrics()
         self.ddp_model = self.model
@@ -180,6 +172,26 @@ class Trainer:
             "metadata": self.meta.to_dict() if self.meta is not None else None,
         }
 
+    def _resume(self) -> None:
+        """Continue from ``last_checkpoint`` exactly, or stop: a missing or unreadable checkpoint is an error (every
+        rank raises it), never a silent restart from iteration 0. Without any ``last_checkpoint`` the run starts
+        fresh and says so."""
+        found, error = None, None
+        if self.rank == 0:
+            try:
+                path = find_last_checkpoint(self.output_dir)
+                found = str(path) if path is not None else None
+            except MissingCheckpointError as e:
+                error = str(e)
+        found, error = broadcast_object((found, error))
+        if error is not None:
+            raise MissingCheckpointError(error)
+        if found is None:
+            self.log(f"resume: no last_checkpoint in {self.output_dir}; starting at iteration 0")
+            return
+        self._load(Path(found))
+        self._last_saved = Path(found)
+
     def _load(self, path: Path) -> None:
         state = load_training_checkpoint(path)
         self.model.load_state_dict(state["model"])
@@ -194,11 +206,25 @@ class Trainer:
         self.log(f"resumed from {path} at iteration {self.iteration}")
 
     def save(self, name: str) -> Path | None:
+        """Write a checkpoint (rank 0) if the weights are finite; non-finite weights stop training instead, so that
+        the latest checkpoint is always the last finite one."""
+        bad = next((n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p.detach()).all())), None)
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"the weights became non-finite (first: {bad}) by iteration {self.iteration}; not saving {name}. "
+                f"{self._last_good()} Try a lower solver.base_lr or gradient clipping (solver.clip_value)."
+            )
         path = None
         if self.rank == 0:
             path = save_training_checkpoint(self.output_dir, name, self._state(), keep=self.cfg.train.keep_checkpoints)
+            self._last_saved = path
         barrier()
         return path
+
+    def _last_good(self) -> str:
+        if self._last_saved is not None and self._last_saved.is_file():
+            return f"The last finite checkpoint is {self._last_saved}."
+        return "No checkpoint of this run was written yet."
 
     # ------------------------------------------------------------------------------------------ logging
     def log(self, msg: str) -> None:
@@ -254,22 +280,27 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _check_finite(self, losses: dict[str, torch.Tensor]) -> None:
+    def _check_finite(self, losses: dict[str, torch.Tensor], prediction_error: str | None = None) -> None:
+        """Stop (on every rank together) when a loss or this rank's predictions are not finite."""
         bad = {k: float(v.detach()) for k, v in losses.items() if not torch.isfinite(v.detach()).all()}
-        flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
+        failed = bool(bad) or prediction_error is not None
+        flag = torch.tensor([1.0 if failed else 0.0], device=self.device)
         if is_dist():
             # Every rank must stop together (a lone rank raising would leave the others waiting in backward).
             flag = all_reduce_mean(flag)
-        if float(flag) > 0:
-            where = f"at iteration {self.iteration + 1}"
-            if bad:
-                names = ", ".join(f"{k} = {v}" for k, v in sorted(bad.items()))
-                raise NonFiniteLossError(
-                    f"non-finite loss {where}: {names}. Training stopped; no checkpoint was written for this "
-                    f"iteration (the last good one is in {self.output_dir}). Try a lower solver.base_lr, "
-                    f"gradient clipping (solver.clip_value) or solver.amp=false."
-                )
-            raise NonFiniteLossError(f"non-finite loss on another rank {where}; training stopped")
+        if float(flag) == 0:
+            return
+        where = f"at iteration {self.iteration + 1}"
+        advice = (
+            f"Training stopped; no checkpoint was written for this iteration. {self._last_good()} Try a lower "
+            f"solver.base_lr, gradient clipping (solver.clip_value) or solver.amp=false."
+        )
+        if prediction_error is not None:
+            raise NonFiniteLossError(f"non-finite predictions {where} ({prediction_error}). {advice}")
+        if bad:
+            names = ", ".join(f"{k} = {v}" for k, v in sorted(bad.items()))
+            raise NonFiniteLossError(f"non-finite loss {where}: {names}. {advice}")
+        raise NonFiniteLossError(f"non-finite loss or predictions on another rank {where}. {advice}")
 
     def run(self, stop_at: int | None = None) -> TrainResult:
         """Train to ``train.max_iter`` (or ``stop_at`` iterations, checkpointing there: tests of resume)."""
@@ -340,12 +371,12 @@ class Trainer:
     def _maybe_drop_lr(self, elapsed: float) -> None:
         """Time-budget LR step: scale the scheduler's base LRs by gamma once (saved with the scheduler state)."""
         t = self.cfg.train
-        if t.budget_lr_drop is None or getattr(self.scheduler, "budget_dropped", False):
+        if t.budget_lr_drop is None or t.time_budget_s is None or getattr(self.scheduler, "budget_dropped", False):
             return
         if elapsed >= t.budget_lr_drop * t.time_budget_s:
             gamma = self.cfg.solver.gamma
             self.scheduler.base_lrs = [b * gamma for b in self.scheduler.base_lrs]
-            self.scheduler.budget_dropped = True
+            setattr(self.scheduler, "budget_dropped", True)  # noqa: B010 (saved with the scheduler's state dict)
             self.log(f"{elapsed:.0f} s of the {t.time_budget_s:.0f} s budget used: learning rate x{gamma} "
                      f"from iteration {self.iteration + 1}")  # fmt: skip
 
@@ -358,14 +389,20 @@ class Trainer:
             batch = next(data_iter)
             data_time += time.perf_counter() - t0
             images, targets = _to_device_targets(batch, self.device)
-            sync = contextlib.nullcontext()
+            sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
             if is_dist() and micro < t.accumulate - 1:
-                sync = self.ddp_model.no_sync()  # all-reduce gradients only once per optimizer step
+                # all-reduce gradients only once per optimizer step
+                sync = cast(nn.parallel.DistributedDataParallel, self.ddp_model).no_sync()
             with sync:
                 with self._autocast():
-                    losses = self.ddp_model(images, targets)
+                    try:
+                        losses = self.ddp_model(images, targets)
+                        prediction_error = None
+                    except NonFiniteCostError as e:
+                        # the predictions went non-finite: the matcher sees them before any loss is computed
+                        losses, prediction_error = {}, str(e)
                 losses = {k: v.float() for k, v in losses.items()}
-                self._check_finite(losses)
+                self._check_finite(losses, prediction_error)
                 loss = sum(losses.values()) / t.accumulate
                 self.scaler.scale(loss).backward()
             for k, v in losses.items():
