@@ -15,8 +15,8 @@ ReLU the max-pool's ``-inf`` padding and a 0 give the same max).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, cast, runtime_checkable
 
