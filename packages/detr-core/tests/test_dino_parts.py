@@ -395,3 +395,31 @@ def test_foreign_checkpoint_errors_name_the_problem(tmp_path):
 def test_box_ops_inverse_sigmoid_default_is_unchanged():
     x = torch.tensor([0.0, 1.0])
     assert box_ops.inverse_sigmoid(x).tolist() == pytest.approx([math.log(1e-5), math.log(1 / 1e-5)])
+
+
+# ----------------------------------------------------------------------------- backbone norm folding
+
+
+def test_resnet_fold_norms_switch_keeps_the_reference_operation_order():
+    from detr_core.backbone import ResNetBackbone
+
+    torch.manual_seed(0)
+    net = ResNetBackbone(18, ("res3", "res5")).eval()
+    for m in net.modules():  # non-trivial frozen statistics
+        if isinstance(m, torchvision.ops.FrozenBatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+            m.running_mean.normal_(0, 0.1)
+            m.weight.uniform_(0.5, 1.5)
+    x = torch.randn(1, 3, 64, 96)
+    batch = PaddedBatch.from_tensor(x, [(64, 96)])
+    with torch.no_grad():
+        folded = net(batch)
+        net.fold_norms = False
+        plain = net(batch)
+        ref = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        ref = net.layer2(net.layer1(ref))
+        res3 = ref
+        ref = net.layer4(net.layer3(ref))
+    # without folding: torchvision's modules one after another, the same operations
+    assert torch.equal(plain["res3"], res3) and torch.equal(plain["res5"], ref)
+    torch.testing.assert_close(folded["res5"], ref, rtol=1e-4, atol=1e-4)
