@@ -1,8 +1,12 @@
-"""``python -m tools.compare_dino``: run the official DINO (from your checkout) on an image; see README.md.
+"""``python -m tools.compare_dino``: the detr-core DINO example against the official DINO (from your checkout) on the
+same random weights and the same image; see README.md.
 
-Only the official side exists so far (``--official-only``): it builds the official model from a patched temporary
-copy of the checkout, randomises every parameter and buffer, runs it in eval mode and prints the shape of every
-intermediate, the two-stage top-k margin and the time of each stage.
+Builds the official model from a patched temporary copy of the checkout, randomises every parameter and buffer,
+converts its state dict to ours through the example's key map (strictly), runs both and prints one row per check:
+keys, backbone, input projections, position embeddings, encoder memory, two-stage scores and selection, then the
+decoder and heads with the selection pinned to the official indices, the post-processing, optionally the losses and
+gradients of a training step with denoising (same seed), and the latency of both in alternating rounds. Exit status 1
+when a check fails. ``--official-only`` runs the official side alone (shapes, top-k margin, time per stage).
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ import argparse
 import ast
 import os
 import platform
+import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,7 @@ from torch import Tensor
 from .official import (
     DEFAULT_CONFIG,
     TINY_OVERRIDES,
+    Official,
     build_official,
     checkout_revision,
     eval_resize_size,
@@ -33,6 +40,17 @@ from .official import (
     randomize_,
     run_official,
     state_dict_layout,
+)
+from .ours import (
+    Report,
+    capture_ours,
+    compare_forward,
+    compare_losses,
+    compare_postprocess,
+    config_from_official_args,
+    decoder_rows,
+    import_example,
+    key_rows,
 )
 
 
@@ -49,14 +67,12 @@ def _override(text: str) -> tuple[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tools.compare_dino",
-        description="Run the official DINO (IDEA-Research/DINO, imported from your checkout) on CPU.",
+        description="Compare the detr-core DINO example with the official DINO (imported from your checkout) on CPU.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--dino-repo", type=Path, required=True, help="IDEA-Research/DINO checkout")
     p.add_argument(
-        "--official-only",
-        action="store_true",
-        help="run only the official model (the comparison with detr-core's DINO is not written yet)",
+        "--official-only", action="store_true", help="run only the official model (shapes, timing)"
     )
     p.add_argument(
         "--config", default=DEFAULT_CONFIG, help="official config (path, or relative to the checkout)"
@@ -84,17 +100,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="resize the input to exactly H x W",
     )
+    p.add_argument(
+        "--second-image",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
+        help="add a synthetic second image of H x W to the batch (padding: DETR masks, valid ratios)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the official init and of the randomisation")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--repeat", type=int, default=1, help="timed forwards (the median is printed)")
-    p.add_argument("--warmup", type=int, default=0, help="untimed forwards before --repeat")
+    p.add_argument("--repeat", type=int, default=0, help="timed forwards of each model, alternating (median)")
+    p.add_argument("--warmup", type=int, default=0, help="untimed forwards of each model before --repeat")
     p.add_argument(
-        "--keys-out", type=Path, default=None, help="write the state-dict layout 'name shape dtype'"
+        "--atol", type=float, default=1e-4, help="tensor tolerance: max|diff| <= atol * max(1, max|ref|)"
+    )
+    p.add_argument("--loss-rtol", type=float, default=1e-4, help="relative tolerance of losses and gradients")
+    p.add_argument(
+        "--float64",
+        action="store_true",
+        help="also run both in float64 (pinned) and print how far each float32 run is from ours in float64",
+    )
+    p.add_argument(
+        "--keys-out", type=Path, default=None, help="write the official state-dict layout 'name shape dtype'"
     )
     p.add_argument(
         "--losses",
         action="store_true",
-        help="also one training-mode forward with denoising and the criterion on synthetic targets",
+        help="also a training step with denoising on synthetic targets: losses, total and gradients (same seed)",
     )
     return p
 
@@ -151,19 +184,242 @@ def _cpu() -> str:
     return f"{model} [{flags}]"
 
 
+def synthetic_targets(n_images: int, num_classes: int, seed: int) -> list[dict[str, Tensor]]:
+    """Per image 3 boxes (cxcywh normalised, one touching the border) with labels in ``[1, num_classes)``."""
+    g = torch.Generator().manual_seed(seed + 17)
+    out = []
+    for i in range(n_images):
+        centres = torch.rand(3, 2, generator=g) * 0.6 + 0.2
+        sizes = torch.rand(3, 2, generator=g) * 0.3 + 0.05
+        boxes = torch.cat([centres, sizes], 1)
+        boxes[2] = torch.tensor([0.5, 0.5, 1.0, 1.0]) if i == 0 else boxes[2]
+        labels = torch.randint(1, num_classes, (3,), generator=g)
+        out.append({"labels": labels, "boxes": boxes})
+    return out
+
+
+def official_only(args: argparse.Namespace, off: Official, x: Tensor) -> int:
+    h, w = x.shape[-2:]
+    for _ in range(args.warmup):
+        run_official(off, [x])
+    runs = [run_official(off, [x], target_sizes=[(h, w)]) for _ in range(max(args.repeat, 1))]
+    res = runs[-1]
+    k = res.topk_indices.shape[1]
+    print("\nshapes:")
+    print(
+        f"  backbone         {[_shape(t) for t in res.backbone]} masks {[_shape(t) for t in res.backbone_masks]}"
+    )
+    print(f"  srcs             {[_shape(t) for t in res.srcs]}")
+    print(f"  pos              {[_shape(t) for t in res.pos]}")
+    print(f"  spatial_shapes   {res.spatial_shapes}")
+    print(f"  memory           {_shape(res.memory)}  output_memory {_shape(res.output_memory)}")
+    print(f"  enc_scores       {_shape(res.enc_scores)}  topk_indices {_shape(res.topk_indices)}")
+    print(f"  interm           logits {_shape(res.interm_logits)} boxes {_shape(res.interm_boxes)}")
+    print(
+        f"  decoder hs       {len(res.hs)} x {_shape(res.hs[0])}; references {len(res.references)} x {_shape(res.references[0])}"
+    )
+    print(f"  pred_logits      {len(res.pred_logits)} layers x {_shape(res.pred_logits[-1])}")
+    print(f"  pred_boxes       {len(res.pred_boxes)} layers x {_shape(res.pred_boxes[-1])}")
+    finite = all(bool(torch.isfinite(t).all()) for t in res.pred_logits + res.pred_boxes)
+    last = res.pred_logits[-1]
+    print(
+        f"values: all decoder outputs finite: {finite}; last-layer logits mean {float(last.mean()):.3f} "
+        f"std {float(last.std()):.3f}; top-k: {_topk_margin(res.enc_scores, k)}"
+    )
+    med = median_seconds([r.seconds for r in runs])
+    stages = ", ".join(f"{s} {med[s]:.3f}" for s in ("backbone", "encoder", "decoder", "other"))
+    each = ", ".join(f"{r.seconds['total']:.3f}" for r in runs)
+    print(
+        f"\ntime (median of {len(runs)} after {args.warmup} warm-up): total {med['total']:.3f} s ({stages} s); each run: {each} s"
+    )
+    if args.losses:
+        gt = synthetic_targets(1, off.args.num_classes, args.seed)
+        out, losses, total = official_losses(off, [x], gt, seed=args.seed)
+        meta = out["dn_meta"]
+        print(
+            f"\nlosses (training mode, denoising {meta['num_dn_group']} groups, pad_size {meta['pad_size']}): "
+            f"{len(losses)} keys, weighted total {float(total.detach()):.4f} over "
+            f"{sum(k in off.criterion.weight_dict for k in losses)} weighted keys"
+        )
+    return 0
+
+
+def _recorded_layout(overrides: dict[str, Any], config: str) -> str | None:
+    if config != DEFAULT_CONFIG:
+        return None
+    return {(): "dino-4scale-r50", tuple(sorted(TINY_OVERRIDES.items())): "dino-tiny"}.get(
+        tuple(sorted(overrides.items()))
+    )
+
+
+def compare(args: argparse.Namespace, off: Official, images: list[Tensor], overrides: dict[str, Any]) -> int:
+    from detr_core.checkpoint import load_into_model, match_aliases
+    from detr_core.padding import PaddedBatch
+    from detr_core.postprocess import topk_detections
+
+    dino = import_example()
+    report = Report(args.atol, args.loss_rtol)
+    cfg = config_from_official_args(off.args)
+    ours = dino.DINO(cfg).eval()
+
+    # ------------------------------------------------------------------ keys and weights
+    official_sd = {k: v.detach().clone() for k, v in off.model.state_dict().items()}
+    layout = {k: tuple(v.shape) for k, v in official_sd.items()}
+    recorded = _recorded_layout(overrides, args.config)
+    if recorded is not None:
+        rec = dino.read_layout(dino.LAYOUTS[recorded])
+        same = list(rec.items()) == list(layout.items())
+        report.add(
+            "keys",
+            f"official layout == recorded {recorded}",
+            same,
+            f"{len(layout)} entries, names and shapes in order",
+        )
+    key_rows(report, layout, ours, "official")
+    conv = match_aliases(dino.OFFICIAL_KEY_MAP.convert(official_sd), ours.state_dict().keys(), dino.ALIASES)
+    load = load_into_model(ours, conv, strict=False)
+    report.add("keys", "strict load of the converted random weights", load.ok, load.describe(limit=3))
+    own = ours.state_dict()
+    unequal = [k for k in own if not torch.equal(own[k], conv[k])]
+    report.add(
+        "keys", "every parameter and buffer equal", not unequal, f"{len(own)} tensors; differ: {unequal[:3]}"
+    )
+    n_off, n_ours = sum(p.numel() for p in off.model.parameters()), sum(p.numel() for p in ours.parameters())
+    report.add("keys", "parameter count", n_off == n_ours, f"official {n_off:,}, ours {n_ours:,}")
+
+    # ------------------------------------------------------------------ forward (eval)
+    sizes = [tuple(im.shape[-2:]) for im in images]
+    ours.backbone.fold_norms = False  # the official operation order bn(conv(x)); the folded run follows below
+    with torch.no_grad():
+        off_res = run_official(off, images, target_sizes=sizes)
+        ours_res = capture_ours(ours, images)
+        pinned = capture_ours(ours, images, indices=off_res.topk_indices)
+        ours.backbone.fold_norms = True
+        folded = capture_ours(ours, images, indices=off_res.topk_indices)
+    batch = PaddedBatch.from_images(images, mask_rule="nearest")
+    for i, (m, (h, w)) in enumerate(zip(off_res.masks, off_res.spatial_shapes)):
+        mine = batch.padding_mask((h, w), 1)
+        mine = torch.zeros_like(m) if mine is None else mine
+        report.tensor("input_proj", f"padding mask level {i}", mine, m)
+    compare_forward(report, off_res, ours_res, pinned, cfg.num_queries)
+    decoder_rows(
+        report, "decoder (pinned, FrozenBN folded)", folded.outputs, off_res, absolute=False, last_only=True
+    )
+    final = pinned.outputs.final
+    dets = topk_detections(final.logits, final.boxes, sizes, cfg.num_select)
+    assert off_res.results is not None
+    compare_postprocess(report, off_res.results, dets)
+
+    # ------------------------------------------------------------------ losses (training, denoising)
+    if args.losses:
+        targets = synthetic_targets(len(images), cfg.num_classes, args.seed)
+        off.model.zero_grad()
+        out_o, losses_o, total_o = official_losses(off, images, targets, seed=args.seed)
+        total_o.backward()
+        topk = off.mods.harness.last_topk
+        ours.train()
+        criterion = dino.build_criterion(cfg)
+        torch.manual_seed(args.seed)
+        out_u = ours(images, [dict(t) for t in targets], indices=topk)
+        losses_u = criterion(out_u, targets)
+        total_u = sum(criterion.weighted(losses_u).values())
+        assert isinstance(total_u, Tensor)
+        ours.eval()
+        ours.zero_grad()
+        total_u.backward()
+        meta = out_o["dn_meta"]
+        report.add("losses", "denoising layout", out_u.denoising is not None and out_u.denoising.meta.pad_size == meta["pad_size"]
+                   and out_u.denoising.meta.num_groups == meta["num_dn_group"],
+                   f"official {meta['num_dn_group']} groups, pad_size {meta['pad_size']}")  # fmt: skip
+        compare_losses(report, losses_o, total_o, losses_u, total_u, off.criterion.weight_dict)
+        grads_o = {n: p.grad for n, p in off.model.named_parameters() if p.grad is not None}
+        grads_o = dino.OFFICIAL_KEY_MAP.convert(grads_o)
+        worst, worst_name, count = 0.0, "", 0
+
+        def canonical(name: str) -> str:  # a shared module's parameters are listed under its first name
+            for alias, canon in dino.ALIASES.items():
+                name = canon + name.removeprefix(alias) if name.startswith(alias) else name
+            return name
+
+        named = [(canonical(n), p) for n, p in ours.named_parameters()]
+        for n, p in named:
+            if p.grad is None or n not in grads_o:
+                continue
+            count += 1
+            scale = float(grads_o[n].abs().max())
+            err = float((p.grad - grads_o[n]).abs().max()) / max(scale, 1e-12)
+            if err > worst:
+                worst, worst_name = err, n
+        missing = [n for n, p in named if p.requires_grad and n not in grads_o]
+        report.add(
+            "losses", "gradients (max|diff| / max|official| per tensor)", worst <= 100 * args.loss_rtol and not missing,
+            f"{count} tensors; worst {worst:.1e} ({worst_name}); no official grad: {missing[:3]}",
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ latency
+    if args.repeat:
+        times: dict[str, list[float]] = {"official": [], "ours": []}
+        with torch.no_grad():
+            for r in range(args.warmup + args.repeat):
+                for name in ("official", "ours"):
+                    t0 = time.perf_counter()
+                    if name == "official":
+                        off.model(list(images))
+                    else:
+                        ours(images)
+                    dt = time.perf_counter() - t0
+                    if r >= args.warmup:
+                        times[name].append(dt)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        detail = ", ".join(
+            f"{k} median {med[k]:.3f} s (runs {', '.join(f'{t:.3f}' for t in v)})" for k, v in times.items()
+        )
+        report.add(
+            "latency",
+            f"{len(images)} image(s) {sizes}",
+            None,
+            f"{detail}; official / ours = {med['official'] / med['ours']:.2f}x",
+        )
+
+    # ------------------------------------------------------------------ float64 reference (the float32 noise floor)
+    if args.float64:
+        idx = off_res.topk_indices
+        ours.double().backbone.fold_norms = False
+        off.model.double()
+        with torch.no_grad():
+            ref = capture_ours(ours, [im.double() for im in images], indices=idx).outputs
+            off64 = run_official(off, [im.double() for im in images], pin_topk=idx)
+        runs = {"official float32": off_res, "ours float32": pinned.outputs, "official float64": off64}
+        for name, run in runs.items():
+            logits = run.pred_logits[-1] if hasattr(run, "pred_logits") else run.final.logits
+            d = float((logits.double() - ref.final.logits).abs().max())
+            report.add(
+                "float64 reference", f"{name} final pred_logits vs ours float64", None, f"max_abs={d:.2e}"
+            )
+        ours.float()
+        off.model.float()
+
+    print()
+    report.print()
+    print()
+    if report.failures:
+        print(f"FAILED: {len(report.failures)} check(s) out of tolerance:")
+        report.print(report.failures)
+        return 1
+    print(f"PASSED: all {sum(r.status == 'ok' for r in report.rows)} checks within tolerance")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.official_only:
-        raise SystemExit(
-            "only the official side exists so far: pass --official-only "
-            "(the comparison with detr-core's DINO is not written yet)"
-        )
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     overrides = dict(TINY_OVERRIDES) if args.tiny else {}
     overrides.update(dict(args.set))
     image = load_image(args.image, tuple(args.size) if args.size else None, args.seed)
-    x = normalize_image(image)
+    images = [normalize_image(image)]
+    if args.second_image is not None:
+        images.append(normalize_image(load_image(None, tuple(args.second_image), args.seed + 5)))
     with tempfile.TemporaryDirectory(prefix="dino_official_") as tmp:
         off = build_official(args.dino_repo, Path(tmp), args.config, overrides, seed=args.seed)
         names = randomize_(off.model, seed=args.seed + 1)
@@ -183,66 +439,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             ]
             args.keys_out.write_text("\n".join(header + lines) + "\n")
             print(f"layout: {len(lines)} entries -> {args.keys_out}")
-
-        h, w = x.shape[-2:]
         print(
-            f"input: {args.image or 'synthetic'} -> {h}x{w}; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} thread(s), float32, eval, no_grad; CPU: {_cpu()}; "
+            f"input: {args.image or 'synthetic'} -> {[tuple(im.shape[-2:]) for im in images]}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} thread(s), float32; CPU: {_cpu()}; "
             f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', 'unset')}, LD_PRELOAD={os.environ.get('LD_PRELOAD', 'unset')}"
         )
-        for _ in range(args.warmup):
-            run_official(off, [x])
-        runs = [run_official(off, [x], target_sizes=[(h, w)]) for _ in range(max(args.repeat, 1))]
-        res = runs[-1]
-        k = res.topk_indices.shape[1]
-        print("\nshapes:")
-        print(
-            f"  backbone         {[_shape(t) for t in res.backbone]} masks {[_shape(t) for t in res.backbone_masks]}"
-        )
-        print(f"  srcs             {[_shape(t) for t in res.srcs]}")
-        print(f"  pos              {[_shape(t) for t in res.pos]}")
-        print(f"  spatial_shapes   {res.spatial_shapes}")
-        print(f"  memory           {_shape(res.memory)}  output_memory {_shape(res.output_memory)}")
-        print(f"  enc_scores       {_shape(res.enc_scores)}  topk_indices {_shape(res.topk_indices)}")
-        print(f"  interm           logits {_shape(res.interm_logits)} boxes {_shape(res.interm_boxes)}")
-        print(
-            f"  decoder hs       {len(res.hs)} x {_shape(res.hs[0])}; references {len(res.references)} x {_shape(res.references[0])}"
-        )
-        print(f"  pred_logits      {len(res.pred_logits)} layers x {_shape(res.pred_logits[-1])}")
-        print(f"  pred_boxes       {len(res.pred_boxes)} layers x {_shape(res.pred_boxes[-1])}")
-        if res.results is not None:
-            r = res.results[0]
-            print(
-                f"  postprocess      scores {_shape(r['scores'])} labels {_shape(r['labels'])} boxes {_shape(r['boxes'])}"
-            )
-        finite = all(bool(torch.isfinite(t).all()) for t in res.pred_logits + res.pred_boxes)
-        last = res.pred_logits[-1]
-        print(
-            f"values: all decoder outputs finite: {finite}; last-layer logits mean {float(last.mean()):.3f} "
-            f"std {float(last.std()):.3f}; top-k: {_topk_margin(res.enc_scores, k)}"
-        )
-        med = median_seconds([r.seconds for r in runs])
-        stages = ", ".join(f"{s} {med[s]:.3f}" for s in ("backbone", "encoder", "decoder", "other"))
-        each = ", ".join(f"{r.seconds['total']:.3f}" for r in runs)
-        print(
-            f"\ntime (median of {len(runs)} after {args.warmup} warm-up): total {med['total']:.3f} s ({stages} s); "
-            f"each run: {each} s"
-        )
-        if args.losses:
-            gt = [
-                {
-                    "labels": torch.tensor([1, 2, 3]) % off.args.num_classes,
-                    "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.3, 0.2], [0.5, 0.5, 0.8, 0.9]]),
-                }
-            ]
-            out, losses, total = official_losses(off, [x], gt, seed=args.seed)
-            meta = out["dn_meta"]
-            print(
-                f"\nlosses (training mode, denoising {meta['num_dn_group']} groups, pad_size {meta['pad_size']}): "
-                f"{len(losses)} keys, weighted total {float(total.detach()):.4f} over "
-                f"{sum(k in off.criterion.weight_dict for k in losses)} weighted keys"
-            )
-    return 0
+        if args.official_only:
+            return official_only(args, off, images[0])
+        return compare(args, off, images, overrides)
 
 
 if __name__ == "__main__":
