@@ -60,7 +60,10 @@ class DINOConfig:
     ``num_classes`` counts label indices (COCO: 91 = the largest category id + 1, ids used as labels).
     ``dn_label_noise_ratio`` is DINO's own (a label flips with half that probability). ``dn_number`` must be >= 50:
     below it the official code uses ``2 * dn_number`` groups whatever the targets, here ``dn_number // max_gt``.
-    ``backbone_weights``: a local torchvision ResNet checkpoint (the official training starts from ImageNet).
+    ``backbone_weights``: a local torchvision ResNet checkpoint (the official training starts from ImageNet);
+    ``freeze_at`` (detectron2 semantics) 2: the stem and res2 are frozen, as the official code. ``hidden_dim`` other
+    than 256 and ``backbone_depth`` 18/34 run here but have no official counterpart (the official query sine embedding
+    hard-codes 128 features per coordinate, its builder refuses ResNet-18/34).
     """
 
     num_classes: int = 91
@@ -80,6 +83,7 @@ class DINOConfig:
     dn_labelbook_size: int = 91
     backbone_depth: int = 50
     backbone_weights: str | None = None
+    freeze_at: int = 2
     focal_alpha: float = 0.25
     set_cost_class: float = 2.0
     set_cost_bbox: float = 5.0
@@ -101,9 +105,15 @@ class DINOConfig:
 #: The configuration of ``tools/compare_dino --tiny`` (the official builder accepts it): 2 + 2 layers, 30 queries,
 #: 4 classes (the synthetic shapes' ids 1..3 and the unused id 0), FFN 512.
 TINY = DINOConfig(
-    num_classes=4, dn_labelbook_size=4, enc_layers=2, dec_layers=2, dim_feedforward=512, num_queries=30, num_select=30,
+    num_classes=4,
+    dn_labelbook_size=4,
+    enc_layers=2,
+    dec_layers=2,
+    dim_feedforward=512,
+    num_queries=30,
+    num_select=30,
     dn_number=50,
-)  # fmt: skip
+)
 
 
 def normalize(image: Tensor) -> Tensor:
@@ -126,8 +136,12 @@ class DINO(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, levels = cfg.hidden_dim, cfg.num_feature_levels
-        self.backbone = ResNetBackbone(cfg.backbone_depth, ("res3", "res4", "res5"), freeze_at=2,
-                                       weights=cfg.backbone_weights)  # fmt: skip
+        self.backbone = ResNetBackbone(
+            cfg.backbone_depth,
+            ("res3", "res4", "res5"),
+            freeze_at=cfg.freeze_at,
+            weights=cfg.backbone_weights,
+        )
         shapes = list(self.backbone.output_shape().values())
         self.input_proj = InputProjection(shapes, d, levels - len(shapes))
         self.position_embedding = PositionEmbeddingSine(
@@ -140,8 +154,9 @@ class DINO(nn.Module):
         self.encoder = DeformableEncoder(d, **ffn, n_points=cfg.enc_n_points, num_layers=cfg.enc_layers)
         self.query_selection = QuerySelectionHead(d, exclude_padding=False)
         self.tgt_embed = nn.Embedding(cfg.num_queries, d)
-        self.decoder = DeformableDecoder(cfg.dec_layers, d, **ffn, n_points=cfg.dec_n_points,
-                                         inverse_sigmoid_eps=INVERSE_SIGMOID_EPS)  # fmt: skip
+        self.decoder = DeformableDecoder(
+            cfg.dec_layers, d, **ffn, n_points=cfg.dec_n_points, inverse_sigmoid_eps=INVERSE_SIGMOID_EPS
+        )
         # the official init of the transformer runs before the heads are attached (they keep their own init)
         xavier_init_deformable_(
             nn.ModuleList([self.encoder, self.decoder, self.query_selection, self.tgt_embed])
@@ -162,10 +177,17 @@ class DINO(nn.Module):
         """DINO's contrastive denoising queries, noise drawn in the official order from the global RNG."""
         c = self.cfg
         return build_denoising_queries(
-            list(targets), self.label_enc, c.num_classes, c.num_queries, dn_number=c.dn_number,
-            label_noise_ratio=c.dn_label_noise_ratio * 0.5, box_noise_scale=c.dn_box_noise_scale, contrastive=True,
-            inverse_sigmoid_eps=INVERSE_SIGMOID_EPS, label_draws="flipped",
-        )  # fmt: skip
+            list(targets),
+            self.label_enc,
+            c.num_classes,
+            c.num_queries,
+            dn_number=c.dn_number,
+            label_noise_ratio=c.dn_label_noise_ratio * 0.5,
+            box_noise_scale=c.dn_box_noise_scale,
+            contrastive=True,
+            inverse_sigmoid_eps=INVERSE_SIGMOID_EPS,
+            label_draws="flipped",
+        )
 
     def forward(
         self,
@@ -229,9 +251,12 @@ def build_criterion(cfg: DINOConfig) -> SetCriterion:
     """DINO's matcher, losses and the 39 loss weights of the 6-layer model (``loss_ce``, ``loss_bbox``,
     ``loss_giou`` for the final, ``_0.._4``, ``_interm``, ``_dn``, ``_dn_0.._dn_4``); GIoU with DINO's 1e-6."""
     matcher = HungarianMatcher(
-        [BoxL1Cost(cfg.set_cost_bbox), FocalClassCost(cfg.set_cost_class, cfg.focal_alpha),
-         GIoUCost(cfg.set_cost_giou, eps=1e-6)]
-    )  # fmt: skip
+        [
+            BoxL1Cost(cfg.set_cost_bbox),
+            FocalClassCost(cfg.set_cost_class, cfg.focal_alpha),
+            GIoUCost(cfg.set_cost_giou, eps=1e-6),
+        ]
+    )
     base = {"loss_ce": cfg.cls_loss_coef, "loss_bbox": cfg.bbox_loss_coef, "loss_giou": cfg.giou_loss_coef}
     losses = {"labels": FocalLabelLoss(cfg.num_classes, cfg.focal_alpha), "boxes": BoxLoss(giou_eps=1e-6)}
     return SetCriterion(
