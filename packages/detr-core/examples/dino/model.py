@@ -26,6 +26,7 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +36,7 @@ from detr_core.decoder import DeformableDecoder, look_forward_twice
 from detr_core.denoising import DenoisingQueries, build_denoising_queries
 from detr_core.encoder import DeformableEncoder, flatten_levels
 from detr_core.layers import MLP, xavier_init_deformable_
-from detr_core.losses import BoxLoss, FocalLabelLoss, SetCriterion, expand_weight_dict
+from detr_core.losses import BoxLoss, FocalLabelLoss, LossFn, SetCriterion, expand_weight_dict
 from detr_core.matcher import BoxL1Cost, FocalClassCost, GIoUCost, HungarianMatcher
 from detr_core.neck import InputProjection
 from detr_core.outputs import DetectionOutputs, QueryPredictions, split_denoising
@@ -50,7 +51,7 @@ __all__ = ["DINO", "DINOConfig", "TINY", "build_criterion", "normalize", "param_
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: DINO's ``inverse_sigmoid`` clamp (``util/misc.py``), used for refinement, predictions and denoising anchors.
-INVERSE_SIGMOID_EPS = 1e-3
+EPS = 1e-3
 
 
 @dataclass(frozen=True)
@@ -148,14 +149,12 @@ class DINO(nn.Module):
             d // 2, temperature=cfg.pe_temperature, normalize=True
         )
         self.level_embed = nn.Parameter(torch.empty(levels, d))
-        ffn = dict(
-            d_ffn=cfg.dim_feedforward, dropout=0.0, activation="relu", n_levels=levels, n_heads=cfg.nheads
-        )
-        self.encoder = DeformableEncoder(d, **ffn, n_points=cfg.enc_n_points, num_layers=cfg.enc_layers)
+        ffn, heads = cfg.dim_feedforward, cfg.nheads
+        self.encoder = DeformableEncoder(d, ffn, 0.0, "relu", levels, heads, cfg.enc_n_points, cfg.enc_layers)
         self.query_selection = QuerySelectionHead(d, exclude_padding=False)
         self.tgt_embed = nn.Embedding(cfg.num_queries, d)
         self.decoder = DeformableDecoder(
-            cfg.dec_layers, d, **ffn, n_points=cfg.dec_n_points, inverse_sigmoid_eps=INVERSE_SIGMOID_EPS
+            cfg.dec_layers, d, ffn, 0.0, "relu", levels, heads, cfg.dec_n_points, inverse_sigmoid_eps=EPS
         )
         # the official init of the transformer runs before the heads are attached (they keep their own init)
         xavier_init_deformable_(
@@ -165,8 +164,9 @@ class DINO(nn.Module):
         self.class_embed = nn.Linear(d, cfg.num_classes)
         nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
         self.bbox_embed = MLP(d, d, 4, 3)
-        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
-        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        last = cast(nn.Linear, self.bbox_embed.layers[-1])
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
         self.decoder.bbox_embed = self.bbox_embed  # one box head for every decoder layer
         # the encoder's heads start as copies of the decoder's and are trained separately
         self.enc_class_embed = copy.deepcopy(self.class_embed)
@@ -185,7 +185,7 @@ class DINO(nn.Module):
             label_noise_ratio=c.dn_label_noise_ratio * 0.5,
             box_noise_scale=c.dn_box_noise_scale,
             contrastive=True,
-            inverse_sigmoid_eps=INVERSE_SIGMOID_EPS,
+            inverse_sigmoid_eps=EPS,
             label_draws="flipped",
         )
 
@@ -229,7 +229,7 @@ class DINO(nn.Module):
         attn_mask = None if dn is None else dn.attn_mask
         hs, references = self.decoder(tgt, memory, refs, shapes, starts, ratios, pad, attn_mask)
         hs[0] = hs[0] + self.label_enc.weight[0, 0] * 0.0  # keeps label_enc in the graph without targets
-        boxes = look_forward_twice(hs, references[:-1], self.bbox_embed, eps=INVERSE_SIGMOID_EPS)
+        boxes = look_forward_twice(hs, references[:-1], self.bbox_embed, eps=EPS)
         levels = [QueryPredictions(self.class_embed(h), b) for h, b in zip(hs, boxes)]
         denoising = None
         if dn is not None:
@@ -258,7 +258,10 @@ def build_criterion(cfg: DINOConfig) -> SetCriterion:
         ]
     )
     base = {"loss_ce": cfg.cls_loss_coef, "loss_bbox": cfg.bbox_loss_coef, "loss_giou": cfg.giou_loss_coef}
-    losses = {"labels": FocalLabelLoss(cfg.num_classes, cfg.focal_alpha), "boxes": BoxLoss(giou_eps=1e-6)}
+    losses: dict[str, LossFn] = {
+        "labels": FocalLabelLoss(cfg.num_classes, cfg.focal_alpha),
+        "boxes": BoxLoss(giou_eps=1e-6),
+    }
     return SetCriterion(
         matcher, losses, expand_weight_dict(base, num_aux=cfg.dec_layers - 1), pad_missing_dn=True
     )

@@ -111,7 +111,7 @@ class InputProjection(nn.ModuleList):
         """The GroupNorm of projection ``i``."""
         return cast(nn.GroupNorm, cast(nn.Sequential, self[i])[1])
 
-    def forward(self, maps: Sequence[Tensor], batch: PaddedBatch | None = None) -> list[Tensor]:  # type: ignore[override]
+    def forward(self, maps: Sequence[Tensor], batch: PaddedBatch | None = None) -> list[Tensor]:
         """
         Args:
             maps: ``(B, C_i, H_i, W_i)`` per input, in ``in_shapes`` order.
