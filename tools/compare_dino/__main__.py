@@ -328,9 +328,14 @@ def compare(args: argparse.Namespace, off: Official, images: list[Tensor], overr
         ours.zero_grad()
         total_u.backward()
         meta = out_o["dn_meta"]
-        report.add("losses", "denoising layout", out_u.denoising is not None and out_u.denoising.meta.pad_size == meta["pad_size"]
-                   and out_u.denoising.meta.num_groups == meta["num_dn_group"],
-                   f"official {meta['num_dn_group']} groups, pad_size {meta['pad_size']}")  # fmt: skip
+        report.add(
+            "losses",
+            "denoising layout",
+            out_u.denoising is not None
+            and out_u.denoising.meta.pad_size == meta["pad_size"]
+            and out_u.denoising.meta.num_groups == meta["num_dn_group"],
+            f"official {meta['num_dn_group']} groups, pad_size {meta['pad_size']}",
+        )
         compare_losses(report, losses_o, total_o, losses_u, total_u, off.criterion.weight_dict)
         grads_o = {n: p.grad for n, p in off.model.named_parameters() if p.grad is not None}
         grads_o = dino.OFFICIAL_KEY_MAP.convert(grads_o)
@@ -352,9 +357,11 @@ def compare(args: argparse.Namespace, off: Official, images: list[Tensor], overr
                 worst, worst_name = err, n
         missing = [n for n, p in named if p.requires_grad and n not in grads_o]
         report.add(
-            "losses", "gradients (max|diff| / max|official| per tensor)", worst <= 100 * args.loss_rtol and not missing,
+            "losses",
+            "gradients (max|diff| / max|official| per tensor)",
+            worst <= 100 * args.loss_rtol and not missing,
             f"{count} tensors; worst {worst:.1e} ({worst_name}); no official grad: {missing[:3]}",
-        )  # fmt: skip
+        )
 
     # ------------------------------------------------------------------ latency
     if args.repeat:

@@ -111,13 +111,26 @@ def config_from_official_args(args: argparse.Namespace | Mapping[str, Any]) -> A
     setting the example does not implement (another variant of DINO)."""
     a = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
     fixed = {
-        "two_stage_type": "standard", "num_patterns": 0, "dec_pred_bbox_embed_share": True,
-        "dec_pred_class_embed_share": True, "two_stage_bbox_embed_share": False,
-        "two_stage_class_embed_share": False, "embed_init_tgt": True, "use_dn": True, "dilation": False,
-        "backbone": "resnet50", "pe_temperatureH": a.get("pe_temperatureW"), "return_interm_indices": [1, 2, 3],
-        "decoder_layer_noise": False, "dec_layer_number": None, "transformer_activation": "relu",
-        "pre_norm": False, "two_stage_add_query_num": 0, "two_stage_pat_embed": 0, "use_deformable_box_attn": False,
-    }  # fmt: skip
+        "two_stage_type": "standard",
+        "num_patterns": 0,
+        "dec_pred_bbox_embed_share": True,
+        "dec_pred_class_embed_share": True,
+        "two_stage_bbox_embed_share": False,
+        "two_stage_class_embed_share": False,
+        "embed_init_tgt": True,
+        "use_dn": True,
+        "dilation": False,
+        "backbone": "resnet50",
+        "pe_temperatureH": a.get("pe_temperatureW"),
+        "return_interm_indices": [1, 2, 3],
+        "decoder_layer_noise": False,
+        "dec_layer_number": None,
+        "transformer_activation": "relu",
+        "pre_norm": False,
+        "two_stage_add_query_num": 0,
+        "two_stage_pat_embed": 0,
+        "use_deformable_box_attn": False,
+    }
     bad = {k: a.get(k) for k, v in fixed.items() if a.get(k) != v}
     if bad:
         raise SystemExit(
@@ -125,15 +138,30 @@ def config_from_official_args(args: argparse.Namespace | Mapping[str, Any]) -> A
         )
     dino = import_example()
     return dino.DINOConfig(
-        num_classes=a["num_classes"], num_queries=a["num_queries"], hidden_dim=a["hidden_dim"], nheads=a["nheads"],
-        dim_feedforward=a["dim_feedforward"], enc_layers=a["enc_layers"], dec_layers=a["dec_layers"],
-        enc_n_points=a["enc_n_points"], dec_n_points=a["dec_n_points"], num_feature_levels=a["num_feature_levels"],
-        pe_temperature=a["pe_temperatureW"], dn_number=a["dn_number"], dn_label_noise_ratio=a["dn_label_noise_ratio"],
-        dn_box_noise_scale=a["dn_box_noise_scale"], dn_labelbook_size=a["dn_labelbook_size"],
-        focal_alpha=a["focal_alpha"], set_cost_class=a["set_cost_class"], set_cost_bbox=a["set_cost_bbox"],
-        set_cost_giou=a["set_cost_giou"], cls_loss_coef=a["cls_loss_coef"], bbox_loss_coef=a["bbox_loss_coef"],
-        giou_loss_coef=a["giou_loss_coef"], num_select=a["num_select"],
-    )  # fmt: skip
+        num_classes=a["num_classes"],
+        num_queries=a["num_queries"],
+        hidden_dim=a["hidden_dim"],
+        nheads=a["nheads"],
+        dim_feedforward=a["dim_feedforward"],
+        enc_layers=a["enc_layers"],
+        dec_layers=a["dec_layers"],
+        enc_n_points=a["enc_n_points"],
+        dec_n_points=a["dec_n_points"],
+        num_feature_levels=a["num_feature_levels"],
+        pe_temperature=a["pe_temperatureW"],
+        dn_number=a["dn_number"],
+        dn_label_noise_ratio=a["dn_label_noise_ratio"],
+        dn_box_noise_scale=a["dn_box_noise_scale"],
+        dn_labelbook_size=a["dn_labelbook_size"],
+        focal_alpha=a["focal_alpha"],
+        set_cost_class=a["set_cost_class"],
+        set_cost_bbox=a["set_cost_bbox"],
+        set_cost_giou=a["set_cost_giou"],
+        cls_loss_coef=a["cls_loss_coef"],
+        bbox_loss_coef=a["bbox_loss_coef"],
+        giou_loss_coef=a["giou_loss_coef"],
+        num_select=a["num_select"],
+    )
 
 
 def key_rows(
@@ -156,11 +184,13 @@ def key_rows(
         if k in conv and conv[k].shape != own[k].shape
     ]
     report.add(
-        "keys", f"{what} -> ours", not (missing or unexpected or shapes),
+        "keys",
+        f"{what} -> ours",
+        not (missing or unexpected or shapes),
         f"{len(layout)} official entries -> {len(set(map(dino.OFFICIAL_KEY_MAP.map_key, layout)))} tensors -> "
         f"{len(own)} of ours; missing {missing[:3]} ({len(missing)}), unexpected {unexpected[:3]} "
         f"({len(unexpected)}), shape mismatches {shapes[:3]} ({len(shapes)})",
-    )  # fmt: skip
+    )
     back = dino.to_official({k: v.to("meta") for k, v in own.items()}, layout)
     again = match_aliases(dino.OFFICIAL_KEY_MAP.convert(back), own.keys(), dino.ALIASES)
     same = sorted(back) == sorted(layout) and all(tuple(back[k].shape) == layout[k] for k in layout)
@@ -220,9 +250,16 @@ def capture_ours(
             h.remove()
     hs, refs = data["decoder"]
     return OursOutputs(
-        out, list(data["backbone"].values()), data["srcs"], data["pos"], data["memory"], data["output_memory"],
-        data["selection"], hs, refs,
-    )  # fmt: skip
+        out,
+        list(data["backbone"].values()),
+        data["srcs"],
+        data["pos"],
+        data["memory"],
+        data["output_memory"],
+        data["selection"],
+        hs,
+        refs,
+    )
 
 
 def compare_forward(report: Report, off_res: Any, ours: OursOutputs, pinned: OursOutputs, k: int) -> None:
@@ -249,9 +286,11 @@ def compare_forward(report: Report, off_res: Any, ours: OursOutputs, pinned: Our
         boundary = off_res.enc_scores[b].gather(0, o_idx[b][-1:])
         tied = int((off_res.enc_scores[b] == boundary).sum())
         report.add(
-            "selection", f"top-{k} img{b}", None,
+            "selection",
+            f"top-{k} img{b}",
+            None,
             f"{common}/{k} tokens in common, same order: {same}; rank {k} gap {gap:.2e}; {tied} token(s) at the boundary score",
-        )  # fmt: skip
+        )
     report.tensor(
         "selection (pinned)", "interm pred_logits", pinned.outputs.interm.logits, off_res.interm_logits, True
     )
@@ -291,9 +330,13 @@ def compare_postprocess(report: Report, off_results: list[dict[str, Tensor]], ou
 
 
 def compare_losses(
-    report: Report, off_losses: Mapping[str, Tensor], off_total: Tensor, our_losses: Mapping[str, Tensor],
-    our_total: Tensor, weight_dict: Mapping[str, float],
-) -> None:  # fmt: skip
+    report: Report,
+    off_losses: Mapping[str, Tensor],
+    off_total: Tensor,
+    our_losses: Mapping[str, Tensor],
+    our_total: Tensor,
+    weight_dict: Mapping[str, float],
+) -> None:
     """Every weighted loss key (unweighted values) and the weighted total; the official logging-only keys
     (``class_error``, ``cardinality_error``, ``loss_xy``, ``loss_hw``) have no counterpart."""
     keys = [k for k in off_losses if k in weight_dict]

@@ -74,8 +74,9 @@ def load_official_checkpoint(
         CheckpointMismatchError: missing, unexpected or shape-mismatched keys (all listed); CheckpointError:
         unreadable or unsafe file.
     """
-    return load_foreign_checkpoint(path, OFFICIAL_KEY_MAP, model, ALIASES, key="ema_model" if ema else None,
-                                   strict=strict)  # fmt: skip
+    return load_foreign_checkpoint(
+        path, OFFICIAL_KEY_MAP, model, ALIASES, key="ema_model" if ema else None, strict=strict
+    )
 
 
 def to_official(sd: Mapping[str, Tensor], official_keys: Iterable[str]) -> dict[str, Tensor]:
