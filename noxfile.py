@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import nox
@@ -68,7 +69,7 @@ def _sources_digest() -> str:
     for pkg in PACKAGES:
         for path in sorted((ROOT / pkg).glob("**/*")):
             if path.is_file() and (
-                path.name in ("pyproject.toml", "setup.py") or path.suffix in (".cpp", ".cu", ".h", ".cuh")
+                path.name in ("pyproject.toml", "setup.py") or path.suffix in (".cpp", ".cu", ".h", ".cuh", ".c", ".inc")
             ):
                 h.update(str(path.relative_to(ROOT)).encode())
                 h.update(path.read_bytes())
@@ -100,9 +101,40 @@ def _run(session: nox.Session, env: dict[str, str], *args: str) -> None:
     session.run(str(BIN / "python"), *args, external=True, env=env)
 
 
+#: the op, detr-core and the model: run again on other CPU code paths (every test must hold on any x86-64 CPU)
+FORCED_PATH_TESTS = [
+    "packages/deform-attn/tests",
+    "packages/detr-core/tests",
+    "packages/maskdino/tests/test_model.py",
+    "packages/maskdino/tests/test_model_parts.py",
+    "tests/test_ddp.py",
+]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def _forced_paths() -> list[tuple[str, str, int]]:
+    """``(ATEN_CPU_CAPABILITY, DEFORM_ATTN_CPU_ISA, torch threads)`` runs below the machine's own best path: AVX2
+    (when the CPU has it) with one thread per test worker, and the portable code paths with two threads."""
+    paths = []
+    if {"avx2", "fma"} <= _cpu_flags():
+        paths.append(("avx2", "avx2", 1))
+    paths.append(("default", "generic", 2))
+    return paths
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
-    """All tests of all packages plus the cross-package tests (CPU; CUDA tests skip without a GPU)."""
+    """All tests of all packages plus the cross-package tests (CPU; CUDA tests skip without a GPU), then the op,
+    detr-core and model tests again with PyTorch's CPU capability and the op's kernel copy forced lower
+    (ATEN_CPU_CAPABILITY=avx2|default, DEFORM_ATTN_CPU_ISA=avx2|generic) and with 1 and 2 threads."""
     env = _shared_env(session)
     # Two pytest workers on two cores: one intra-op thread each, or torch's thread pools fight over the
     # cores (a tiny training step goes from ~1 s to ~20 s when oversubscribed).
@@ -110,6 +142,16 @@ def tests(session: nox.Session) -> None:
     args = session.posargs or []
     _run(session, env, "-c", "import deform_attn; print(deform_attn.build_info())")
     _run(session, env, "-m", "pytest", "-n", "2", "--dist", "loadfile", *args)
+    if session.posargs:
+        return
+    for capability, isa, threads in _forced_paths():
+        session.log(f"again with ATEN_CPU_CAPABILITY={capability}, DEFORM_ATTN_CPU_ISA={isa}, {threads} thread(s)")
+        with tempfile.TemporaryDirectory() as cache:
+            forced = dict(env, ATEN_CPU_CAPABILITY=capability, DEFORM_ATTN_CPU_ISA=isa, OMP_NUM_THREADS=str(threads),
+                          TORCHINDUCTOR_CACHE_DIR=cache)  # fmt: skip
+            workers = "2" if threads == 1 else "1"
+            _run(session, forced, "-c", "import deform_attn; print(deform_attn.build_info())")
+            _run(session, forced, "-m", "pytest", "-n", workers, "--dist", "loadfile", "-q", *FORCED_PATH_TESTS)
 
 
 @nox.session

@@ -1,6 +1,10 @@
+import sys
 from pathlib import Path
 
 import pytest
+
+# coco_eval_testlib.py sits next to the tests; make it importable without a package __init__.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SAMPLE = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "coco-panoptic-sample"
 

@@ -85,7 +85,9 @@ def test_crowd_regions():
     pred[:4, :6] = 3  # category 1 on the crowd, 24 px: never matches, 100% crowd -> ignored
     pred[:4, 6:] = 4  # category 3 on the crowd of category 1 (16 px): crowd of another class -> FP
     pred[4:] = 5  # stuff exact -> TP IoU 1
-    stats = pq_single_image(gt, [seg(1, 1, crowd=1), seg(2, 2)], pred, [seg(3, 1), seg(4, 3), seg(5, 2)], CATS)
+    stats = pq_single_image(
+        gt, [seg(1, 1, crowd=1), seg(2, 2)], pred, [seg(3, 1), seg(4, 3), seg(5, 2)], CATS
+    )
     assert stats.get(1, [0.0, 0, 0, 0]) == [0.0, 0, 0, 0]  # crowd: no FN, covered pred: no FP
     assert stats[3] == [0.0, 0, 1, 0]
     assert stats[2] == [1.0, 1, 0, 0]
@@ -146,7 +148,9 @@ def _random_image(r, h=24, w=32):
         gt[y : y + int(r.integers(2, 14)), x : x + int(r.integers(2, 18))] = 10 + i
     for sid in np.unique(gt):
         if sid:
-            gt_info.append({"id": int(sid), "category_id": int(r.integers(1, 4)), "iscrowd": int(r.random() < 0.2)})
+            gt_info.append(
+                {"id": int(sid), "category_id": int(r.integers(1, 4)), "iscrowd": int(r.random() < 0.2)}
+            )
     pred = gt.copy()
     pred[r.random((h, w)) < 0.15] = 0
     shift = np.roll(pred, int(r.integers(-3, 4)), axis=int(r.integers(0, 2)))

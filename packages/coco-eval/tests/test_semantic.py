@@ -54,7 +54,9 @@ def test_matches_detectron2_formula_on_random_maps():
     m = semantic_metrics(conf)
     assert m["mIoU"] == pytest.approx(100 * np.sum(iou[acc_valid]) / np.sum(iou_valid), rel=1e-12)
     assert m["pACC"] == pytest.approx(100 * tp.sum() / pos_gt.sum(), rel=1e-12)
-    assert m["fwIoU"] == pytest.approx(100 * np.sum(iou[acc_valid] * pos_gt[acc_valid] / pos_gt.sum()), rel=1e-12)
+    assert m["fwIoU"] == pytest.approx(
+        100 * np.sum(iou[acc_valid] * pos_gt[acc_valid] / pos_gt.sum()), rel=1e-12
+    )
 
 
 def test_streaming_evaluator_scores_and_errors():
@@ -78,5 +80,7 @@ def test_streaming_evaluator_scores_and_errors():
 def test_torch_tensors_are_accepted():
     torch = pytest.importorskip("torch")
     ev = SemSegEvaluator(num_classes=2)
-    ev.process([{"sem_seg": torch.tensor([[0, 1]])}], [{"sem_seg": torch.tensor([[[2.0, 0.0]], [[1.0, 3.0]]])}])
+    ev.process(
+        [{"sem_seg": torch.tensor([[0, 1]])}], [{"sem_seg": torch.tensor([[[2.0, 0.0]], [[1.0, 3.0]]])}]
+    )
     assert ev.evaluate()["sem_seg/mIoU"] == 100.0

@@ -4,6 +4,7 @@
 // (cpu/ms_deform_attn_cpu.cpp, cuda/ms_deform_attn_cuda.cu) with TORCH_LIBRARY_IMPL. Autograd and the
 // fake (meta) kernels are registered from Python (deform_attn/ops.py) with torch.library, which keeps
 // them visible to torch.compile and torch.export.
+#include <pybind11/stl.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -29,6 +30,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "deform_attn kernels; the ops are torch.ops.deform_attn.ms_deform_attn and _ms_deform_attn_backward";
   m.def("cuda_build_info", &deform_attn::cuda_build_info,
         "CUDA archs and toolkit of the compiled CUDA kernels, empty when built without CUDA");
+  m.def("cpu_isa", &deform_attn::cpu_isa_name,
+        "The CPU kernel copy in use: generic, avx2, avx512 or avx512bf16 (the first call reads "
+        "DEFORM_ATTN_CPU_ISA; ValueError / RuntimeError for a bad value)");
+  m.def("set_cpu_isa", &deform_attn::set_cpu_isa, pybind11::arg("name"),
+        "Select the CPU kernel copy: auto, generic, avx2, avx512, avx512bf16. ValueError for an unknown name, "
+        "RuntimeError when the CPU lacks the copy.");
+  m.def("cpu_isas_supported", &deform_attn::cpu_isas_supported, "The CPU kernel copies this CPU and OS can run");
+  m.def("cpu_flags", &deform_attn::cpu_flags, "The CPU/OS flags the kernel copies depend on that are present");
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;
 #else

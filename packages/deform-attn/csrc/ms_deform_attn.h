@@ -4,11 +4,27 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <vector>
 
 namespace deform_attn {
 
 // One line naming the CUDA archs and toolkit the CUDA kernels were compiled for ("" without CUDA).
 std::string cuda_build_info();
+
+// CPU kernel copies (cpu/ms_deform_attn_cpu_isa.cpp). Names: generic, avx2, avx512, avx512bf16.
+std::string cpu_isa_name();                     // the copy the CPU kernels run now
+void set_cpu_isa(const std::string& name);      // "auto" or a name; std::invalid_argument / runtime_error
+std::vector<std::string> cpu_isas_supported();  // the copies this CPU and OS can run
+std::string cpu_flags();                        // the relevant CPU/OS flags present, comma separated
+
+// The dtype rule of the op: value, sampling_locations and attention_weights all of one floating dtype
+// (float32, float64, bfloat16, float16), or value bfloat16/float16 with float32 locations and weights.
+inline bool dtypes_supported(at::ScalarType v, at::ScalarType l, at::ScalarType a) {
+  const bool floating = v == at::kFloat || v == at::kDouble || v == at::kBFloat16 || v == at::kHalf;
+  const bool same = l == v && a == v;
+  const bool mixed = (v == at::kBFloat16 || v == at::kHalf) && l == at::kFloat && a == at::kFloat;
+  return floating && (same || mixed);
+}
 
 // Sizes of one call, read from the tensor shapes after check_inputs.
 struct Sizes {
@@ -39,9 +55,11 @@ inline Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_sha
               sampling_locations.sizes());
   TORCH_CHECK(spatial_shapes.size(0) == s.L && level_start_index.dim() == 1 && level_start_index.size(0) == s.L,
               "deform_attn: spatial_shapes / level_start_index must have L = ", s.L, " rows");
-  TORCH_CHECK(sampling_locations.scalar_type() == value.scalar_type() &&
-                  attention_weights.scalar_type() == value.scalar_type(),
-              "deform_attn: value, sampling_locations and attention_weights must share one dtype");
+  TORCH_CHECK(dtypes_supported(value.scalar_type(), sampling_locations.scalar_type(), attention_weights.scalar_type()),
+              "deform_attn: unsupported dtypes: value ", value.scalar_type(), ", sampling_locations ",
+              sampling_locations.scalar_type(), ", attention_weights ", attention_weights.scalar_type(),
+              "; all three must be one of float32, float64, bfloat16, float16, or value bfloat16/float16 with "
+              "float32 sampling_locations and attention_weights");
   for (const auto* t : {&spatial_shapes, &level_start_index, &sampling_locations, &attention_weights}) {
     TORCH_CHECK(t->device() == value.device(), "deform_attn: all tensors must be on ", value.device());
   }

@@ -54,3 +54,37 @@ def assert_close_rel(actual: Tensor, expected: Tensor, rtol: float, what: str = 
     scale = expected.abs().max().clamp_min(1e-30).double()
     err = ((actual.double() - expected.double()).abs().max() / scale).item() if expected.numel() else 0.0
     assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.1e}"
+
+
+# Unit roundoff u of each dtype (half the machine epsilon): one round-to-nearest of a value x errs by at
+# most u * |x|.
+UNIT_ROUNDOFF = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.bfloat16: 2.0**-8,
+    torch.float16: 2.0**-11,
+}
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Max error relative to the largest expected magnitude for a result stored in ``dtype``, against the
+    float64 reference evaluated on the same (already rounded) inputs.
+
+    The kernels accumulate in float32 (float64 for float64) and round each result once to its dtype: at most
+    u(dtype) relative to the element, so at most u relative to the largest one; we allow 2 u. Accumulating
+    the ~L * P * 4 corner terms in float32 adds about n * 2^-24 times (sum of |terms|) / max|result|, which
+    for these tests' sizes (n <= ~200, ratio <= ~5) is below 2e-5: the float32 budget, added to every
+    16-bit one. float64: the same argument with 2^-53 gives far below 1e-10."""
+    if dtype == torch.float64:
+        return 1e-10
+    return 2 * UNIT_ROUNDOFF[dtype] + 2e-5 if dtype != torch.float32 else 2e-5
+
+
+def cast_inputs(
+    inputs: tuple[Tensor, ...], value_dtype: torch.dtype, loc_dtype: torch.dtype
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """(inputs in the given dtypes, the same rounded values in float64 for the reference)."""
+    value, shapes, starts, loc, attn = inputs
+    cast = (value.to(value_dtype), shapes, starts, loc.to(loc_dtype), attn.to(loc_dtype))
+    exact = tuple(t.double() if t.is_floating_point() else t for t in cast)
+    return cast, exact

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import assert_close_rel, grads, make_inputs
+from helpers import assert_close_rel, cast_inputs, grads, make_inputs, tolerance
 
 import deform_attn
 from deform_attn import ms_deform_attn, ms_deform_attn_reference
@@ -48,6 +48,61 @@ def test_cuda_matches_reference(dtype, shapes, d):
     for what, a, e in zip(WHAT, got, expected):
         assert a.dtype == dtype and a.is_cuda
         assert_close_rel(a.cpu(), e, TOLERANCE[dtype], f"{dtype} {what}")
+
+
+@cuda
+@pytest.mark.skipif(not deform_attn.kernel_available("cuda", torch.float32), reason=deform_attn.build_info())
+@pytest.mark.parametrize(
+    "value_dtype,loc_dtype",
+    [
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+    ],
+    ids=lambda t: str(t).split(".")[-1],
+)
+def test_cuda_low_precision_forms(value_dtype, loc_dtype):
+    """Against the float64 reference on the same rounded inputs, each result in its input's dtype."""
+    inputs, exact = cast_inputs(
+        make_inputs([(20, 30), (10, 15), (3, 4)], n=2, q=50, m=4, d=32, p=4), value_dtype, loc_dtype
+    )
+    g = torch.randn(2, 50, 128, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(
+        value_dtype
+    )
+    expected = grads(ms_deform_attn_reference, exact, g.double())
+    got = grads(ms_deform_attn, tuple(t.cuda() for t in inputs), g.cuda())
+    for what, a, e, dt in zip(WHAT, got, expected, (value_dtype, value_dtype, loc_dtype, loc_dtype)):
+        assert a.dtype == dt and a.is_cuda
+        # grad_value sums atomics in float32 in any order: the float32 budget of tolerance() covers it.
+        assert_close_rel(a.cpu(), e, tolerance(dt), f"{value_dtype}/{loc_dtype} {what}")
+
+
+@cuda
+@pytest.mark.skipif(not deform_attn.kernel_available("cuda", torch.float32), reason=deform_attn.build_info())
+def test_cuda_non_finite_like_reference():
+    value, shapes, starts, loc, attn = make_inputs([(3, 4), (2, 2)], n=1, q=3, m=2, d=3, p=2)
+    loc, attn, value = loc.clone(), attn.clone(), value.clone()
+    loc[0, 1, 0, 0, 1, 0] = float("nan")
+    loc[0, 0, 1, 0, 0, 1] = float("inf")
+    attn[0, 2, 1, 1, 0] = float("-inf")
+    value[0, 3, 0, 1] = float("nan")
+    expected = grads(ms_deform_attn_reference, (value, shapes, starts, loc, attn))
+    got = grads(ms_deform_attn, tuple(t.cuda() for t in (value, shapes, starts, loc, attn)))
+    for what, a, e in zip(WHAT, got, expected):
+        a = a.cpu()
+        assert torch.equal(a.isnan(), e.isnan()) and torch.equal(a.isinf(), e.isinf()), what
+        fin = e.isfinite()
+        assert_close_rel(a[fin], e[fin], 1e-10, what)
+
+
+@cuda
+@pytest.mark.skipif(not deform_attn.kernel_available("cuda", torch.float32), reason=deform_attn.build_info())
+def test_cuda_autocast():
+    inputs = tuple(t.cuda() for t in make_inputs([(6, 7)], n=2, q=9, m=2, d=32, p=3, dtype=torch.float32))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = ms_deform_attn(*inputs)
+    assert out.dtype == torch.bfloat16
 
 
 @cuda

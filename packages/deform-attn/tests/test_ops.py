@@ -90,28 +90,6 @@ def test_backward_deterministic_across_thread_counts():
 
 
 @needs_ext
-def test_portable_kernel_matches_reference():
-    """The portable (non-AVX2) copy of the kernels, forced with DEFORM_ATTN_CPU_ISA=generic."""
-    code = textwrap.dedent(
-        """
-        import torch
-        from helpers import grads, make_inputs, assert_close_rel
-        from deform_attn import ms_deform_attn, ms_deform_attn_reference
-        for d in (5, 32):
-            inputs = make_inputs([(5, 7), (3, 2), (1, 1)], n=2, q=9, m=3, d=d, p=3, seed=d)
-            for a, e in zip(grads(ms_deform_attn, inputs), grads(ms_deform_attn_reference, inputs)):
-                assert_close_rel(a, e, 1e-10)
-        print("ok")
-        """
-    )
-    env = dict(os.environ, DEFORM_ATTN_CPU_ISA="generic")
-    res = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__)
-    )
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
-
-
-@needs_ext
 def test_im2col_step_has_no_divisibility_rule():
     inputs = make_inputs([(4, 5)], n=3, q=4, seed=6)
     out = ms_deform_attn(*inputs, im2col_step=2)
@@ -131,13 +109,28 @@ def test_non_contiguous_inputs():
     )
 
 
+@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cpu_half_falls_back_to_reference(dtype):
-    inputs = make_inputs([(4, 5), (2, 3)], dtype=dtype, seed=8)
-    assert not deform_attn.kernel_available("cpu", dtype)
-    out = ms_deform_attn(*inputs)
+def test_cpu_half_runs_the_kernel(dtype, monkeypatch):
+    """16-bit inputs on CPU take the compiled kernel, not the (slow) reference."""
+    assert deform_attn.kernel_available("cpu", dtype)
+
+    def no_reference(*args):
+        raise AssertionError("the reference must not run")
+
+    monkeypatch.setattr(deform_attn.ops, "ms_deform_attn_reference", no_reference)
+    out = ms_deform_attn(*make_inputs([(4, 5), (2, 3)], dtype=dtype, seed=8))
     assert out.dtype == dtype
-    torch.testing.assert_close(out, ms_deform_attn_reference(*inputs))
+
+
+def test_mixed_dtypes_without_kernel_use_float32_reference(monkeypatch):
+    """The pure-PyTorch fallback handles the one accepted mixed form (16-bit value, float32 rest)."""
+    monkeypatch.setattr(deform_attn.ops, "kernel_available", lambda device, dtype: False)
+    value, shapes, starts, loc, attn = make_inputs([(4, 5), (2, 3)], dtype=torch.float32, seed=8)
+    out = ms_deform_attn(value.bfloat16(), shapes, starts, loc, attn)
+    assert out.dtype == torch.bfloat16
+    expected = ms_deform_attn_reference(value.bfloat16().float(), shapes, starts, loc, attn)
+    torch.testing.assert_close(out, expected.bfloat16())
 
 
 @pytest.mark.parametrize("n,q", [(0, 5), (2, 0), (0, 0)])
@@ -163,7 +156,12 @@ def _bad_cases():
     yield "starts len", (value, shapes, starts[:1], loc, attn), "level_start_index must be"
     yield "S", (value[:, :-1], shapes, starts, loc, attn), "spatial_shapes"
     yield "starts values", (value, shapes, starts + 1, loc, attn), "level_start_index"
-    yield "dtype", (value, shapes, starts, loc.float(), attn), "sampling_locations has dtype"
+    dtypes = r"value torch.float64, sampling_locations torch.float32, attention_weights torch.float64"
+    yield "dtype", (value, shapes, starts, loc.float(), attn), dtypes
+    half = r"value torch.bfloat16, sampling_locations torch.float16, attention_weights torch.float32"
+    yield "mixed half", (value.bfloat16(), shapes, starts, loc.half(), attn.float()), half
+    rev = r"value torch.float32, sampling_locations torch.bfloat16, attention_weights torch.bfloat16"
+    yield "16-bit locations", (value.float(), shapes, starts, loc.bfloat16(), attn.bfloat16()), rev
     yield "int value", (value.long(), shapes, starts, loc.long(), attn.long()), "floating point"
     if torch.device("meta") != value.device:
         yield "device", (value, shapes, starts, loc, attn.to("meta")), "attention_weights is on"
@@ -188,6 +186,10 @@ def test_raw_op_checks_shapes():
         torch.ops.deform_attn.ms_deform_attn(value, shapes, starts, loc, attn[:, :1], 64)
     with pytest.raises(RuntimeError, match="exceeds value length"):
         torch.ops.deform_attn.ms_deform_attn(value[:, :-1], shapes, starts, loc, attn, 64)
+    with pytest.raises(RuntimeError, match="unsupported dtypes: value Double, sampling_locations Float"):
+        torch.ops.deform_attn.ms_deform_attn(value, shapes, starts, loc.float(), attn, 64)
+    with pytest.raises(RuntimeError, match="unsupported dtypes: value Float, sampling_locations BFloat16"):
+        torch.ops.deform_attn.ms_deform_attn(value.float(), shapes, starts, loc.bfloat16(), attn.float(), 64)
 
 
 @needs_ext
@@ -204,7 +206,8 @@ def test_build_info_is_one_line():
     info = deform_attn.build_info()
     assert "\n" not in info and info.startswith("deform_attn:")
     if deform_attn.extension_available():
-        assert "CPU (float32, float64)" in info
+        assert "CPU (float32, float64, bfloat16, float16)" in info
+        assert f"copy {deform_attn.cpu_isa()}" in info
 
 
 def test_missing_extension_warns_once_and_falls_back():

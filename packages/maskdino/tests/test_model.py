@@ -416,8 +416,9 @@ def test_official_module_names_and_aliases(model):
     assert model.predictor.bbox_embed.layers[-1].weight.abs().sum() >= 0
 
 
-def test_autocast_training_step_is_finite():
-    # the deformable encoder and decoder layers run in float32 inside autocast, as the official code
+def test_autocast_training_step_is_finite(skip_if_aten_capability_forced_on_amx):
+    # under bfloat16 autocast the encoder and decoder run in bfloat16, the deformable attention op with a bfloat16
+    # value and float32 locations (its own autocast rule); losses and gradients stay finite
     torch.manual_seed(0)
     m = build_model(tiny_cfg())
     m.train()

@@ -1,4 +1,4 @@
-"""Loading JSON and panoptic PNGs with errors that name the file and the field."""
+"""Loading JSON with errors that name the file and the field (panoptic PNGs: :mod:`coco_eval.panoptic_io`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from coco_eval.errors import EvaluationError
+from coco_eval.panoptic_io import id2rgb, read_panoptic_png, rgb2id  # noqa: F401 (moved; kept importable)
 
 PathLike = str | os.PathLike
 
@@ -41,52 +42,6 @@ def require(record: dict, key: str, where: str) -> Any:
         return record[key]
     except KeyError:
         raise EvaluationError(f"{where}: missing field {key!r}") from None
-
-
-def rgb2id(color: np.ndarray) -> np.ndarray:
-    """Panoptic RGB encoding to segment ids: ``id = R + 256 * G + 256**2 * B``.
-
-    Args:
-        color: (H, W, 3) uint8/uint32 RGB image, or an (H, W) array that already holds ids.
-    Returns:
-        (H, W) uint32 ids.
-    """
-    if color.ndim == 3:
-        if color.dtype == np.uint8:
-            # widen one channel at a time: ~2x faster than converting the whole (H, W, 3) array first
-            out = color[..., 2].astype(np.uint32) << 16
-            out |= color[..., 1].astype(np.uint32) << 8
-            out |= color[..., 0]
-            return out
-        c = color.astype(np.uint32)
-        return c[..., 0] + 256 * c[..., 1] + 256 * 256 * c[..., 2]
-    return color.astype(np.uint32)
-
-
-def id2rgb(ids: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`rgb2id`: (H, W) ids < 2**24 -> (H, W, 3) uint8 RGB."""
-    ids = np.asarray(ids).astype(np.uint32)
-    out = np.empty((*ids.shape, 3), dtype=np.uint8)
-    out[..., 0] = ids % 256
-    out[..., 1] = (ids // 256) % 256
-    out[..., 2] = (ids // (256 * 256)) % 256
-    return out
-
-
-def read_panoptic_png(path: PathLike) -> np.ndarray:
-    """Read a COCO panoptic PNG into (H, W) uint32 segment ids."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im)
-    except FileNotFoundError:
-        raise EvaluationError(f"panoptic PNG {str(path)!r} does not exist") from None
-    except OSError as e:
-        raise EvaluationError(f"panoptic PNG {str(path)!r} cannot be read: {e}") from None
-    if arr.ndim == 3 and arr.shape[2] == 4:  # RGBA written by some tools: alpha carries no id
-        arr = arr[..., :3]
-    return rgb2id(arr)
 
 
 def to_numpy(x: Any) -> np.ndarray:

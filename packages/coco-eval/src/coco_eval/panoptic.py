@@ -17,15 +17,24 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import struct
+import zlib
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from coco_eval._io import PathLike, describe, load_json, read_panoptic_png, require
+from coco_eval._io import PathLike, describe, load_json, require
 from coco_eval.errors import EvaluationError
+
+try:
+    from coco_eval import _speedups
+except ImportError:  # built without a compiler: PNGs are read through PIL
+    _speedups = None  # type: ignore[assignment]
+from coco_eval.panoptic_io import read_panoptic_png
 
 OFFSET = 256 * 256 * 256  # ids fit in 24 bits (RGB), so gt * OFFSET + pred is a unique pair key
 VOID = 0
@@ -49,6 +58,188 @@ def _segments_by_id(segments_info: Any, where: str) -> dict[int, dict]:
     return out
 
 
+@dataclass
+class ImageStats:
+    """One image's PQ contributions: ``matches`` [(category id, IoU)] in (GT id, predicted id) order, the
+    order in which panopticapi adds IoUs, and ``counts`` {category id: [TP, FP, FN]}."""
+
+    matches: list[tuple[int, float]]
+    counts: dict[int, list[int]]
+
+    def add_to(self, stats: CategoryStats) -> CategoryStats:
+        """Accumulate into {category id: [sum IoU, TP, FP, FN]} (in place) exactly as panopticapi does."""
+        for cat, iou in self.matches:
+            s = stats.get(cat)
+            if s is None:
+                s = stats[cat] = [0.0, 0, 0, 0]
+            s[0] += iou
+        for cat, (tp, fp, fn) in self.counts.items():
+            s = stats.get(cat)
+            if s is None:
+                s = stats[cat] = [0.0, 0, 0, 0]
+            s[1] += tp
+            s[2] += fp
+            s[3] += fn
+        return stats
+
+
+def pq_image(
+    gt_ids: np.ndarray,
+    gt_segments: Sequence[dict],
+    pred_ids: np.ndarray,
+    pred_segments: Sequence[dict],
+    categories: Mapping[int, dict],
+    where: str = "image",
+) -> ImageStats:
+    """PQ contributions of one image, panopticapi's per-image algorithm with the pixel work vectorised.
+
+    One counting pass over combined ``gt * 2^24 + pred`` keys (numpy's ``unique``; from files, the compiled
+    PNG path counts while decoding) gives every overlap, the segment
+    areas and the VOID overlaps; matching (IoU > 0.5), false negatives and the VOID/crowd rule for false
+    positives are then array operations on the (G, P) overlap matrix.
+
+    Args:
+        gt_ids: (H, W) integer GT segment ids (0 = VOID).
+        gt_segments: GT ``segments_info`` (``id``, ``category_id``, ``iscrowd``, optional ``area``: as in
+            panopticapi the GT area is the json ``area``; the PNG count when absent).
+        pred_ids: (H, W) integer predicted segment ids (0 = VOID), same size as ``gt_ids``.
+        pred_segments: predicted ``segments_info`` (``id``, ``category_id``).
+        categories: {category id: category dict}.
+        where: text naming the image in error messages.
+    Raises:
+        EvaluationError: size mismatch, ids in the PNG missing from segments_info or the reverse, duplicate or
+            reserved (0) ids, unknown categories, ids outside [0, 2^24).
+    """
+    gt_ids = np.asarray(gt_ids)
+    pred_ids = np.asarray(pred_ids)
+    if gt_ids.shape != pred_ids.shape:
+        raise EvaluationError(
+            f"{where}: prediction size {pred_ids.shape} differs from ground truth {gt_ids.shape}"
+        )
+    for name, ids in (("ground truth", gt_ids), ("prediction", pred_ids)):
+        if ids.dtype.kind not in "iu":
+            raise EvaluationError(f"{where}: {name} segment ids must be integers, got dtype {ids.dtype}")
+        if ids.dtype.kind == "i" or ids.dtype.itemsize > 4:
+            if ids.size and (ids.min() < 0 or ids.max() >= OFFSET):
+                raise EvaluationError(f"{where}: {name} segment ids must lie in [0, 2^24)")
+    gt_segms, pred_segms = _checked_segments(gt_segments, pred_segments, categories, where)
+    g_ids = np.array(sorted(gt_segms), np.int64)
+    p_ids = np.array(sorted(pred_segms), np.int64)
+    # one sort-based pass over combined keys gives every (gt id, pred id) overlap (numpy's unique is the
+    # fastest counter here); the few hundred pairs are then mapped to segment indices
+    joint = gt_ids.astype(np.uint64).ravel() * np.uint64(OFFSET) + pred_ids.astype(np.uint64).ravel()
+    keys, cnt = np.unique(joint, return_counts=True)
+    pair_g = (keys // np.uint64(OFFSET)).astype(np.int64)
+    pair_p = (keys % np.uint64(OFFSET)).astype(np.int64)
+    gi = _index_of(pair_g, g_ids, f"{where} (ground truth)")
+    pi = _index_of(pair_p, p_ids, f"{where} (prediction)")
+    overlap = np.zeros((g_ids.size + 1, p_ids.size + 1), np.int64)
+    overlap[gi, pi] = cnt  # (gi, pi) pairs are unique
+    return _score_overlap(overlap, g_ids, p_ids, gt_segms, pred_segms, gt_segments, where)
+
+
+def _checked_segments(
+    gt_segments: Any, pred_segments: Any, categories: Mapping, where: str
+) -> tuple[dict, dict]:
+    gt_segms = _segments_by_id(gt_segments, f"{where} (ground truth)")
+    pred_segms = _segments_by_id(pred_segments, f"{where} (prediction)")
+    for label, segms in (("ground truth", gt_segms), ("prediction", pred_segms)):
+        for seg in segms.values():
+            if seg["category_id"] not in categories:
+                raise EvaluationError(
+                    f"{where} ({label}): segment {seg['id']} has unknown category_id {seg['category_id']}"
+                )
+    return gt_segms, pred_segms
+
+
+def _index_of(ids: np.ndarray, seg_ids: np.ndarray, where: str) -> np.ndarray:
+    """Position of each id in ``[VOID, *seg_ids]`` (seg_ids sorted); EvaluationError for ids not listed."""
+    lookup = np.concatenate([[VOID], seg_ids])
+    idx = np.minimum(np.searchsorted(lookup, ids), lookup.size - 1)
+    bad = lookup[idx] != ids
+    if bad.any():
+        _unknown_ids(np.unique(ids[bad]).tolist(), where)
+    return idx
+
+
+def _unknown_ids(ids: list, where: str) -> None:
+    raise EvaluationError(f"{where}: segment ids {sorted(ids)[:10]} are in the PNG but not in segments_info")
+
+
+def _score_overlap(
+    overlap: np.ndarray,
+    g_ids: np.ndarray,
+    p_ids: np.ndarray,
+    gt_segms: dict,
+    pred_segms: dict,
+    gt_segments: Sequence[dict],
+    where: str,
+) -> ImageStats:
+    """panopticapi's matching and counting on the (G + 1, P + 1) overlap matrix (row / column 0 = VOID)."""
+    n_g, n_p = g_ids.size, p_ids.size
+    gt_png_area = overlap[1:].sum(axis=1)
+    pred_area = overlap[:, 1:].sum(axis=0)
+    for label, ids_, area in (("prediction", p_ids, pred_area), ("ground truth", g_ids, gt_png_area)):
+        absent = ids_[area == 0]
+        if absent.size:
+            raise EvaluationError(f"{where} ({label}): segment ids {absent[:10].tolist()} are in segments_info but "
+                                  "not in the PNG")  # fmt: skip
+
+    g_info = [gt_segms[int(g)] for g in g_ids]
+    p_info = [pred_segms[int(p)] for p in p_ids]
+    # panopticapi takes the GT area from the json; the PNG count when the json has none
+    gt_area = np.array([seg.get("area", a) for seg, a in zip(g_info, gt_png_area.tolist())], np.float64)
+    g_cat = np.array([seg["category_id"] for seg in g_info], np.int64)
+    g_crowd = np.array([seg.get("iscrowd", 0) == 1 for seg in g_info], bool)
+    p_cat = np.array([seg["category_id"] for seg in p_info], np.int64)
+    inter = overlap[1:, 1:]
+    void = overlap[0, 1:]
+
+    # matching: same category, GT not crowd, IoU > 0.5; np.nonzero walks (GT id, pred id) in ascending order
+    gg, pp = np.nonzero((inter > 0) & (g_cat[:, None] == p_cat[None, :]) & ~g_crowd[:, None])
+    # the same float operations in the same order as panopticapi: pred + gt - intersection - void
+    union = ((pred_area[pp] + gt_area[gg]) - inter[gg, pp]) - void[pp]
+    iou = inter[gg, pp] / union
+    ok = iou > 0.5
+    gg, pp, iou = gg[ok], pp[ok], iou[ok]
+    matched_g = np.zeros(n_g, bool)
+    matched_g[gg] = True
+    matched_p = np.zeros(n_p, bool)
+    matched_p[pp] = True
+
+    counts: dict[int, list[int]] = {}
+
+    def count(cat: int, k: int) -> None:
+        c = counts.get(cat)
+        if c is None:
+            c = counts[cat] = [0, 0, 0]
+        c[k] += 1
+
+    matches = [(int(g_cat[g]), float(v)) for g, v in zip(gg.tolist(), iou.tolist())]
+    for cat, _ in matches:
+        count(cat, 0)
+    crowd_by_cat: dict[int, int] = {}  # category -> row of its last crowd segment in segments_info order
+    for seg in gt_segments:
+        j = int(np.searchsorted(g_ids, int(seg["id"])))
+        if matched_g[j]:
+            continue
+        if g_crowd[j]:
+            crowd_by_cat[int(g_cat[j])] = j
+            continue
+        count(int(g_cat[j]), 2)
+    unmatched = np.flatnonzero(~matched_p)
+    if unmatched.size:
+        ignored = void[unmatched].astype(np.int64)
+        if crowd_by_cat:
+            rows = np.array([crowd_by_cat.get(int(c), -1) for c in p_cat[unmatched]], np.int64)
+            has = rows >= 0
+            ignored[has] += inter[rows[has], unmatched[has]]
+        fp = (ignored / pred_area[unmatched]) <= 0.5
+        for p in unmatched[fp].tolist():
+            count(int(p_cat[p]), 1)
+    return ImageStats(matches, counts)
+
+
 def pq_single_image(
     gt_ids: np.ndarray,
     gt_segments: Sequence[dict],
@@ -58,123 +249,13 @@ def pq_single_image(
     where: str = "image",
     stats: CategoryStats | None = None,
 ) -> CategoryStats:
-    """Accumulate one image's PQ statistics.
+    """Accumulate one image's PQ statistics (see :func:`pq_image` for the arguments).
 
-    Args:
-        gt_ids: (H, W) integer GT segment ids (0 = VOID).
-        gt_segments: GT ``segments_info`` (``id``, ``category_id``, ``iscrowd``, optional ``area``).
-        pred_ids: (H, W) integer predicted segment ids (0 = VOID), same size as ``gt_ids``.
-        pred_segments: predicted ``segments_info`` (``id``, ``category_id``).
-        categories: {category id: category dict with ``isthing``}.
-        where: text naming the image in error messages.
-        stats: accumulator to add into (created when None).
     Returns:
-        ``stats``: {category id: [sum IoU, TP, FP, FN]}.
-    Raises:
-        EvaluationError: size mismatch, ids in the PNG missing from segments_info or the reverse,
-            duplicate ids, unknown categories.
+        ``stats`` (created when None): {category id: [sum IoU, TP, FP, FN]}.
     """
     stats = {} if stats is None else stats
-    gt_ids = np.asarray(gt_ids)
-    pred_ids = np.asarray(pred_ids)
-    if gt_ids.shape != pred_ids.shape:
-        raise EvaluationError(f"{where}: prediction size {pred_ids.shape} differs from ground truth {gt_ids.shape}")
-    for name, ids in (("ground truth", gt_ids), ("prediction", pred_ids)):
-        if ids.size and (ids.min() < 0 or ids.max() >= OFFSET):
-            raise EvaluationError(f"{where}: {name} segment ids must lie in [0, 2^24)")
-    gt_segms = _segments_by_id(gt_segments, f"{where} (ground truth)")
-    pred_segms = _segments_by_id(pred_segments, f"{where} (prediction)")
-    for seg in gt_segms.values():
-        if seg["category_id"] not in categories:
-            raise EvaluationError(f"{where} (ground truth): segment {seg['id']} has unknown category_id {seg['category_id']}")
-    for seg in pred_segms.values():
-        if seg["category_id"] not in categories:
-            raise EvaluationError(f"{where} (prediction): segment {seg['id']} has unknown category_id {seg['category_id']}")
-
-    # One sort gives every (gt, pred) overlap; per-segment areas are sums over it.
-    joint = gt_ids.astype(np.uint64).ravel() * np.uint64(OFFSET) + pred_ids.astype(np.uint64).ravel()
-    keys, counts = np.unique(joint, return_counts=True)
-    pair_gt = (keys // OFFSET).astype(np.int64)
-    pair_pred = (keys % OFFSET).astype(np.int64)
-
-    pred_present, pred_inv = np.unique(pair_pred, return_inverse=True)
-    pred_area_arr = np.bincount(pred_inv, weights=counts).astype(np.int64)
-    pred_area = {int(p): int(a) for p, a in zip(pred_present, pred_area_arr)}
-    gt_unique, gt_inv = np.unique(pair_gt, return_inverse=True)
-    gt_area_png = np.bincount(gt_inv, weights=counts).astype(np.int64)
-    gt_present = set(gt_unique.tolist())
-
-    missing = sorted(set(pred_area) - set(pred_segms) - {VOID})
-    if missing:
-        raise EvaluationError(f"{where} (prediction): segment ids {missing[:10]} are in the PNG but not in segments_info")
-    absent = sorted(set(pred_segms) - set(pred_area))
-    if absent:
-        raise EvaluationError(f"{where} (prediction): segment ids {absent[:10]} are in segments_info but not in the PNG")
-    missing = sorted(gt_present - set(gt_segms) - {VOID})
-    if missing:
-        raise EvaluationError(f"{where} (ground truth): segment ids {missing[:10]} are in the PNG but not in segments_info")
-    absent = sorted(set(gt_segms) - gt_present)
-    if absent:
-        raise EvaluationError(f"{where} (ground truth): segment ids {absent[:10]} are in segments_info but not in the PNG")
-
-    gt_area: dict[int, int] = {}
-    for g, a in zip(gt_unique.tolist(), gt_area_png.tolist()):
-        if g in gt_segms:
-            # panopticapi takes the GT area from the json; fall back to the PNG when the json has none
-            gt_area[g] = gt_segms[g].get("area", a)
-
-    void_overlap: dict[int, int] = {}
-    pairs: list[tuple[int, int, int]] = []
-    for g, p, c in zip(pair_gt.tolist(), pair_pred.tolist(), counts.tolist()):
-        if g == VOID:
-            void_overlap[p] = c
-        pairs.append((g, p, c))
-
-    def cat_stats(cat: int) -> list:
-        s = stats.get(cat)
-        if s is None:
-            s = stats[cat] = [0.0, 0, 0, 0]
-        return s
-
-    gt_matched: set[int] = set()
-    pred_matched: set[int] = set()
-    for g, p, inter in pairs:  # sorted by (gt, pred) id, the order panopticapi adds IoUs in
-        gseg = gt_segms.get(g)
-        pseg = pred_segms.get(p)
-        if gseg is None or pseg is None or gseg.get("iscrowd", 0) == 1:
-            continue
-        if gseg["category_id"] != pseg["category_id"]:
-            continue
-        union = pred_area[p] + gt_area[g] - inter - void_overlap.get(p, 0)
-        iou = inter / union
-        if iou > 0.5:
-            s = cat_stats(gseg["category_id"])
-            s[1] += 1
-            s[0] += iou
-            gt_matched.add(g)
-            pred_matched.add(p)
-
-    crowd_by_cat: dict[int, int] = {}
-    for g, gseg in gt_segms.items():
-        if g in gt_matched:
-            continue
-        if gseg.get("iscrowd", 0) == 1:
-            crowd_by_cat[gseg["category_id"]] = g  # last one wins, as in panopticapi
-            continue
-        cat_stats(gseg["category_id"])[3] += 1
-
-    overlap_lookup = {(g, p): c for g, p, c in pairs} if crowd_by_cat else {}
-    for p, pseg in pred_segms.items():
-        if p in pred_matched:
-            continue
-        ignored = void_overlap.get(p, 0)
-        crowd = crowd_by_cat.get(pseg["category_id"])
-        if crowd is not None:
-            ignored += overlap_lookup.get((crowd, p), 0)
-        if ignored / pred_area[p] > 0.5:
-            continue
-        cat_stats(pseg["category_id"])[2] += 1
-    return stats
+    return pq_image(gt_ids, gt_segments, pred_ids, pred_segments, categories, where).add_to(stats)
 
 
 def merge_stats(parts: Sequence[CategoryStats]) -> CategoryStats:
@@ -216,26 +297,215 @@ def pq_average(stats: CategoryStats, categories: Mapping[int, dict]) -> dict:
             pq += pq_c
             sq += sq_c
             rq += rq_c
-        results[name] = {"pq": pq / n if n else 0.0, "sq": sq / n if n else 0.0, "rq": rq / n if n else 0.0, "n": n}
+        results[name] = {
+            "pq": pq / n if n else 0.0,
+            "sq": sq / n if n else 0.0,
+            "rq": rq / n if n else 0.0,
+            "n": n,
+        }
         if name == "All":
             results["per_class"] = per_class
     return results
 
 
-def _evaluate_chunk(args: tuple) -> CategoryStats:
-    pairs, gt_dir, pred_dir, categories = args
-    stats: CategoryStats = {}
-    for gt_ann, pred_ann in pairs:
-        where = f"image {gt_ann['image_id']}"
-        gt = read_panoptic_png(os.path.join(gt_dir, gt_ann["file_name"]))
-        pred_path = os.path.join(pred_dir, pred_ann["file_name"])
-        pred = read_panoptic_png(pred_path)
-        if gt.shape != pred.shape:
-            raise EvaluationError(f"{where}: predicted PNG {pred_path!r} has size {pred.shape[::-1]} (W, H) but the "
-                                  f"ground truth has {gt.shape[::-1]}")  # fmt: skip
-        pq_single_image(gt, gt_ann["segments_info"], pred, pred_ann["segments_info"], categories,
-                        f"{where} ({pred_ann['file_name']})", stats)  # fmt: skip
-    return stats
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_scanlines(path: str) -> tuple[bytes, int, int, int] | None:
+    """(inflated scanlines, width, height, channels) of an 8-bit RGB / RGBA non-interlaced PNG, else None
+    (anything unusual or broken goes through PIL, which reads or names it)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    if data[:8] != _PNG_SIGNATURE:
+        return None
+    pos, idat, header = 8, [], None
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        body = data[pos + 8 : pos + 8 + length]
+        if kind == b"IHDR" and length == 13:
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    if header is None:
+        return None
+    width, height, depth, color, compression, filtering, interlace = header
+    if depth != 8 or color not in (2, 6) or compression or filtering or interlace:
+        return None
+    channels = 3 if color == 2 else 4
+    try:  # the exact output size up front: no buffer regrowth
+        raw = zlib.decompress(b"".join(idat), bufsize=height * (width * channels + 1))
+    except zlib.error:
+        return None
+    return raw, width, height, channels
+
+
+def pq_image_from_png(
+    gt_path: str,
+    gt_segments: Sequence[dict],
+    pred_ids: np.ndarray,
+    pred_segments: Sequence[dict],
+    categories: Mapping[int, dict],
+    where: str = "image",
+) -> ImageStats:
+    """:func:`pq_image` with the ground truth given as its PNG file (the streaming evaluator's case).
+
+    With coco_eval._speedups the GT PNG is inflated and counted against the predicted ids directly (no GT id
+    image is built); otherwise it is read through PIL.
+    """
+    pred_ids = np.asarray(pred_ids)
+    gt_png = _png_scanlines(gt_path) if _speedups is not None else None
+    if gt_png is not None and pred_ids.shape == (gt_png[2], gt_png[1]) and pred_ids.dtype.kind in "iu":
+        if pred_ids.size and (pred_ids.min() < 0 or pred_ids.max() >= OFFSET):
+            raise EvaluationError(f"{where}: prediction segment ids must lie in [0, 2^24)")
+        gt_segms, pred_segms = _checked_segments(gt_segments, pred_segments, categories, where)
+        g_ids = np.array(sorted(gt_segms), np.int64)
+        p_ids = np.array(sorted(pred_segms), np.int64)
+        flat = np.ascontiguousarray(pred_ids, dtype=np.uint32)
+        try:
+            counts, unknown_g, unknown_p, error = _speedups.png_overlap(
+                gt_png[0], gt_png[3], flat, 0, gt_png[1], gt_png[2], g_ids, p_ids
+            )
+        except ValueError:
+            error = "unreadable"
+        if error is None:
+            if unknown_g:
+                _unknown_ids(unknown_g, f"{where} (ground truth)")
+            if unknown_p:
+                _unknown_ids(unknown_p, f"{where} (prediction)")
+            overlap = np.frombuffer(counts, np.int64).reshape(g_ids.size + 1, p_ids.size + 1)
+            return _score_overlap(overlap, g_ids, p_ids, gt_segms, pred_segms, gt_segments, where)
+    return pq_image(read_panoptic_png(gt_path), gt_segments, pred_ids, pred_segments, categories, where)
+
+
+def _evaluate_pair(args: tuple) -> ImageStats:
+    gt_ann, pred_ann, gt_dir, pred_dir, categories = args
+    where = f"image {gt_ann['image_id']}"
+    gt_path = os.path.join(gt_dir, gt_ann["file_name"])
+    pred_path = os.path.join(pred_dir, pred_ann["file_name"])
+    if _speedups is not None:
+        stats = _evaluate_pair_compiled(gt_path, gt_ann, pred_path, pred_ann, categories, where)
+        if stats is not None:
+            return stats
+    gt = read_panoptic_png(gt_path)
+    pred = read_panoptic_png(pred_path)
+    if gt.shape != pred.shape:
+        raise EvaluationError(f"{where}: predicted PNG {pred_path!r} has size {pred.shape[::-1]} (W, H) but the "
+                              f"ground truth has {gt.shape[::-1]}")  # fmt: skip
+    return pq_image(gt, gt_ann["segments_info"], pred, pred_ann["segments_info"], categories,
+                    f"{where} ({pred_ann['file_name']})")  # fmt: skip
+
+
+def _evaluate_pair_compiled(
+    gt_path: str, gt_ann: dict, pred_path: str, pred_ann: dict, categories: Mapping, where: str
+) -> ImageStats | None:
+    """The PNG pair decoded straight into the overlap matrix (coco_eval._speedups); None when a PNG is not
+    plain 8-bit RGB(A) or the sizes differ (the PIL path then reads it or names the problem)."""
+    gt_png, pred_png = _png_scanlines(gt_path), _png_scanlines(pred_path)
+    if gt_png is None or pred_png is None or gt_png[1:3] != pred_png[1:3]:
+        return None
+    where = f"{where} ({pred_ann['file_name']})"
+    gt_segms, pred_segms = _checked_segments(
+        gt_ann["segments_info"], pred_ann["segments_info"], categories, where
+    )
+    g_ids = np.array(sorted(gt_segms), np.int64)
+    p_ids = np.array(sorted(pred_segms), np.int64)
+    try:
+        counts, unknown_g, unknown_p, error = _speedups.png_overlap(
+            gt_png[0], gt_png[3], pred_png[0], pred_png[3], gt_png[1], gt_png[2], g_ids, p_ids
+        )
+    except ValueError:
+        return None
+    if error is not None:
+        return None
+    if unknown_g:
+        _unknown_ids(unknown_g, f"{where} (ground truth)")
+    if unknown_p:
+        _unknown_ids(unknown_p, f"{where} (prediction)")
+    overlap = np.frombuffer(counts, np.int64).reshape(g_ids.size + 1, p_ids.size + 1)
+    return _score_overlap(overlap, g_ids, p_ids, gt_segms, pred_segms, gt_ann["segments_info"], where)
+
+
+_CONTEXT: tuple | None = None  # (gt_dir, pred_dir, categories) inherited by forked workers
+
+
+def _evaluate_chunk(pairs: list[tuple[dict, dict]]) -> list[ImageStats]:
+    gt_dir, pred_dir, categories = _CONTEXT  # type: ignore[misc]
+    return [_evaluate_pair((g, p, gt_dir, pred_dir, categories)) for g, p in pairs]
+
+
+def check_workers(workers: Any, what: str = "workers") -> int:
+    """Validate a worker count: an int >= 1, or 0 for one per CPU this process may use. Returns the count."""
+    if isinstance(workers, bool) or not isinstance(workers, int | np.integer) or workers < 0:
+        raise EvaluationError(f"{what} must be an integer >= 1 (or 0 for one per CPU), got {workers!r}")
+    if workers == 0:
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:
+            return max(1, os.cpu_count() or 1)
+    return int(workers)
+
+
+def map_images(
+    fn: Any,
+    items: Sequence,
+    workers: int,
+    progress: bool = False,
+    desc: str = "images",
+    context: tuple | None = None,
+    threads: bool = False,
+) -> list:
+    """``[fn(chunk) for chunk in chunks(items)]`` flattened, in order, over ``workers`` threads or processes.
+
+    ``fn`` takes a list of items and returns a list of results. Chunks of 8 items keep the progress bar
+    moving and the workers busy. ``context`` is available to ``fn`` (in forked processes too) as the module
+    global ``_CONTEXT``. ``threads``: for work that releases the GIL (the compiled PNG path: zlib and
+    ``_speedups.png_overlap`` both do), threads avoid the process start-up and the pickling of results.
+    """
+    global _CONTEXT
+    chunk = 8
+    chunks = [list(items[i : i + chunk]) for i in range(0, len(items), chunk)]
+    bar = _progress(len(items), desc) if progress else None
+    out: list = []
+    _CONTEXT = context
+    try:
+        if workers <= 1 or len(chunks) <= 1:
+            for c in chunks:
+                out.extend(fn(c))
+                if bar is not None:
+                    bar.update(len(c))
+            return out
+        if threads:
+            pool: Any = ThreadPoolExecutor(max_workers=min(workers, len(chunks)))
+        else:
+            ctx = multiprocessing.get_context(
+                "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+            )
+            pool = ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=ctx)
+        with pool:
+            for c, res in zip(chunks, pool.map(fn, chunks)):
+                out.extend(res)
+                if bar is not None:
+                    bar.update(len(c))
+        return out
+    finally:
+        _CONTEXT = None
+        if bar is not None:
+            bar.close()
+
+
+def _progress(total: int, desc: str) -> Any:
+    """A tqdm bar when tqdm is installed, else None (progress is optional)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def _load_panoptic_json(source: PathLike | dict, what: str) -> tuple[dict, str]:
@@ -254,6 +524,8 @@ def pq_compute(
     pred_json: PathLike | dict,
     pred_dir: PathLike,
     workers: int = 1,
+    progress: bool = False,
+    backend: str = "auto",
 ) -> dict:
     """Panoptic quality of a prediction folder against COCO panoptic ground truth.
 
@@ -264,10 +536,22 @@ def pq_compute(
         pred_json: prediction json (path or dict) with ``annotations`` in the same format
             (``categories`` are taken from the GT).
         pred_dir: folder of predicted PNGs.
-        workers: processes reading and scoring images (contiguous chunks, merged in order).
+        workers: processes reading and scoring images (>= 1; 0 = one per CPU). Images are accumulated in
+            json order whatever the count, so the result does not depend on it (it equals panopticapi's
+            ``pq_compute`` run in one process, bit for bit).
+        progress: show a tqdm progress bar (when tqdm is installed; not with the hotcoco backend).
+        backend: "auto" / "coco-eval" (this package: compiled PNG decoding into the overlap matrix when
+            ``coco_eval._speedups`` is built, PIL + numpy otherwise; panopticapi's numbers bit for bit) or
+            "hotcoco" (hotcoco's Rust PQ, multi-threaded through ``RAYON_NUM_THREADS``, ``workers`` does not
+            apply). hotcoco adds the per-category IoUs in another order, so its PQ can differ from
+            panopticapi's in the last bits, and it ignores GT PNG ids missing from ``segments_info`` (as
+            panopticapi does; "coco-eval" raises). When hotcoco rejects an input, the "coco-eval" path runs
+            and names the file and the problem.
     Returns:
-        ``{"All": {"pq", "sq", "rq", "n"}, "Things": ..., "Stuff": ..., "per_class": {cat id: {...}}}`` (fractions).
+        ``{"All": {"pq", "sq", "rq", "n"}, "Things": ..., "Stuff": ..., "per_class": {cat id: {...}},
+        "backend": the backend that ran}`` (fractions).
     """
+    workers = check_workers(workers)
     gt, gt_name = _load_panoptic_json(gt_json, "ground-truth panoptic json")
     pred, pred_name = _load_panoptic_json(pred_json, "prediction panoptic json")
     categories = {}
@@ -299,17 +583,72 @@ def pq_compute(
         pairs.append((ann, pred_by_image[image_id]))
     unknown = [i for i in pred_by_image if i not in gt_images]
     if unknown:
-        raise EvaluationError(f"{pred_name}: predictions for image ids {unknown[:5]} that are not in the ground truth")
+        raise EvaluationError(
+            f"{pred_name}: predictions for image ids {unknown[:5]} that are not in the ground truth"
+        )
 
-    workers = max(1, min(int(workers), len(pairs)))
-    if workers == 1:
-        return pq_average(merge_stats([_evaluate_chunk((pairs, str(gt_dir), str(pred_dir), categories))]), categories)
-    bounds = np.linspace(0, len(pairs), workers + 1).astype(int)
-    chunks = [(pairs[a:b], str(gt_dir), str(pred_dir), categories) for a, b in zip(bounds[:-1], bounds[1:])]
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        parts = list(pool.map(_evaluate_chunk, chunks))
-    return pq_average(merge_stats(parts), categories)
+    for ann, pred_ann in pairs:  # json-level checks for every backend (cheap: no PNG is read)
+        _checked_segments(require(ann, "segments_info", gt_name), pred_ann["segments_info"], categories,
+                          f"image {ann['image_id']} ({pred_ann['file_name']})")  # fmt: skip
+    chosen = resolve_pq_backend(backend)
+    if chosen == "hotcoco":
+        hot = _hotcoco_stats(gt, pairs, str(gt_dir), str(pred_dir), categories)
+        if hot is not None:
+            return dict(pq_average(hot, categories), backend="hotcoco")
+        chosen = "coco-eval"  # hotcoco rejected the input: this package's path names the file and the problem
+    per_image = map_images(_evaluate_chunk, pairs, workers, progress, "panoptic",
+                           (str(gt_dir), str(pred_dir), categories), threads=_speedups is not None)  # fmt: skip
+    stats: CategoryStats = {}
+    for image in per_image:
+        image.add_to(stats)
+    return dict(pq_average(stats, categories), backend=chosen)
+
+
+PQ_BACKENDS = ("auto", "coco-eval", "hotcoco")
+
+
+def resolve_pq_backend(backend: str) -> str:
+    """Map "auto" to "coco-eval" (the exact one); validate explicit names."""
+    if backend not in PQ_BACKENDS:
+        raise EvaluationError(f"backend must be one of {PQ_BACKENDS}, got {backend!r}")
+    if backend in ("auto", "coco-eval"):
+        return "coco-eval"
+    try:
+        import hotcoco.panoptic  # noqa: F401
+    except ImportError:
+        raise EvaluationError("backend='hotcoco' is not installed: pip install hotcoco") from None
+    return "hotcoco"
+
+
+def _hotcoco_stats(
+    gt: dict, pairs: list, gt_dir: str, pred_dir: str, categories: Mapping
+) -> CategoryStats | None:
+    """Per-category [sum IoU, TP, FP, FN] from hotcoco's PanopticEval; None when hotcoco rejects the input
+    (the caller then runs this package's path, whose errors name the file and the problem)."""
+    import contextlib
+    import io
+
+    import hotcoco.panoptic
+
+    gt_data = {"images": gt.get("images") or [{"id": a["image_id"], "file_name": a["file_name"]} for a, _ in pairs],
+               "categories": list(categories.values()), "annotations": [a for a, _ in pairs]}  # fmt: skip
+    pred_data = {
+        "images": gt_data["images"],
+        "categories": gt_data["categories"],
+        "annotations": [p for _, p in pairs],
+    }
+    try:
+        ev = hotcoco.panoptic.PanopticEval(gt_data, pred_data, gt_folder=gt_dir, pred_folder=pred_dir)
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev.evaluate()
+        per_class = ev.results()["per_class"]
+    except (ValueError, OSError, KeyError, TypeError):
+        return None
+    stats: CategoryStats = {}
+    for cat, r in per_class.items():
+        if r["tp"] or r["fp"] or r["fn"]:
+            stats[int(cat)] = [float(r["iou"]), int(r["tp"]), int(r["fp"]), int(r["fn"])]
+    return stats
 
 
 def format_pq_table(results: dict) -> str:
@@ -317,5 +656,7 @@ def format_pq_table(results: dict) -> str:
     lines = [f"{'':10s}| {'PQ':>5s}  {'SQ':>5s}  {'RQ':>5s} {'N':>5s}", "-" * 38]
     for name in ("All", "Things", "Stuff"):
         r = results[name]
-        lines.append(f"{name:10s}| {100 * r['pq']:5.1f}  {100 * r['sq']:5.1f}  {100 * r['rq']:5.1f} {r['n']:5d}")
+        lines.append(
+            f"{name:10s}| {100 * r['pq']:5.1f}  {100 * r['sq']:5.1f}  {100 * r['rq']:5.1f} {r['n']:5d}"
+        )
     return "\n".join(lines)

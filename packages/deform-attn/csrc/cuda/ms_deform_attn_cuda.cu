@@ -1,5 +1,6 @@
 // CUDA kernels of deform_attn::ms_deform_attn (float32, float64, float16, bfloat16; float32 accumulation
-// for the 16-bit types, float64 for float64).
+// for the 16-bit types, float64 for float64; and bfloat16 / float16 values with float32 locations and
+// weights: the kernels are templated on the value type and the location type).
 //
 // Design (differs from the original one-thread-per-output-element kernel):
 // * One warp per (batch, query, head). Lane t owns channels t, t+32, ... so every bilinear corner is read
@@ -12,6 +13,8 @@
 //   and it accumulates in a float32 (float64) buffer that is cast once at the end, so 16-bit inputs do not
 //   lose the small contributions.
 // * The op needs no im2col buffer, so im2col_step (kept for signature compatibility) is ignored.
+// * Non-finite locations or attention weights take a separate (warp-uniform) branch that follows
+//   F.grid_sample's arithmetic, so NaN propagates as in the reference and the CPU kernels.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAStream.h>
@@ -21,6 +24,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <type_traits>
 
 #include "../ms_deform_attn.h"
 
@@ -75,11 +79,52 @@ __device__ __forceinline__ bool footprint(acc_t x, acc_t y, int64_t H, int64_t W
   return true;
 }
 
+template <typename acc_t>
+__device__ __forceinline__ bool is_finite(acc_t v) {
+  return v - v == acc_t(0);  // false for inf and NaN
+}
+
+// F.grid_sample's footprint at pixel coordinates (ix, iy) that may be non-finite: corner weights as it
+// computes them (NaN where a coordinate is non-finite) and the in-bound corners (none then).
+template <typename acc_t>
+struct RefFootprint {
+  acc_t w[4];
+  acc_t dx[4], dy[4];  // d w_c / d ix, d w_c / d iy
+  int64_t off[4];      // corner row within the level, -1 if not read
+};
+
+template <typename acc_t>
+__device__ __forceinline__ void ref_footprint(acc_t ix, acc_t iy, int64_t H, int64_t W, RefFootprint<acc_t>& f) {
+  const acc_t fx = floor(ix), fy = floor(iy);  // floor keeps inf / NaN
+  const acc_t lw = ix - fx, hw = (fx + acc_t(1)) - ix, lh = iy - fy, hh = (fy + acc_t(1)) - iy;
+  f.w[0] = hw * hh;
+  f.w[1] = lw * hh;
+  f.w[2] = hw * lh;
+  f.w[3] = lw * lh;
+  f.dx[0] = -hh;
+  f.dx[1] = hh;
+  f.dx[2] = -lh;
+  f.dx[3] = lh;
+  f.dy[0] = -hw;
+  f.dy[1] = -lw;
+  f.dy[2] = hw;
+  f.dy[3] = lw;
+  const bool fin = is_finite(ix) && is_finite(iy) && fx > acc_t(-2) && fy > acc_t(-2) &&
+                   fx < static_cast<acc_t>(W) && fy < static_cast<acc_t>(H);
+  const int64_t x0 = fin ? static_cast<int64_t>(fx) : -2, y0 = fin ? static_cast<int64_t>(fy) : -2;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int64_t x = x0 + (c & 1), y = y0 + (c >> 1);
+    f.off[c] = (fin && x >= 0 && x < W && y >= 0 && y < H) ? y * W + x : -1;
+  }
+}
+
 // CPL: channels per lane held in registers (D <= 32 * CPL per pass; larger D loops over passes).
-template <typename scalar_t, int CPL>
+// scalar_t: value / output type; loc_t: locations / weights type (scalar_t, or float for 16-bit values).
+template <typename scalar_t, typename loc_t, int CPL>
 __global__ void __launch_bounds__(kThreads) ms_deform_attn_forward_kernel(
     const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
-    const scalar_t* __restrict__ loc, const scalar_t* __restrict__ attn, scalar_t* __restrict__ out, int64_t N,
+    const loc_t* __restrict__ loc, const loc_t* __restrict__ attn, scalar_t* __restrict__ out, int64_t N,
     int64_t S, int64_t M, int64_t D, int64_t Q, int64_t L, int64_t P) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t nqm = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / kWarp;
@@ -110,9 +155,26 @@ __global__ void __launch_bounds__(kThreads) ms_deform_attn_forward_kernel(
         const int64_t l = (base + k) / P;
         const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
         if (start < 0 || start + H * W > S) continue;  // inconsistent level table: never read out of bounds
+        const scalar_t* vlevel = vhead + start * row;
+        const acc_t ix = x * static_cast<acc_t>(W) - acc_t(0.5), iy = y * static_cast<acc_t>(H) - acc_t(0.5);
+        if (!(is_finite(ix) && is_finite(iy) && is_finite(a))) {  // rare, uniform over the warp
+          RefFootprint<acc_t> r;
+          ref_footprint(ix, iy, H, W, r);
+#pragma unroll
+          for (int t = 0; t < CPL; ++t) {
+            const int64_t d = c0 + lane + t * kWarp;
+            if (d >= D) continue;
+            acc_t sv = acc_t(0);
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              sv += r.w[c] * (r.off[c] >= 0 ? static_cast<acc_t>(vlevel[r.off[c] * row + d]) : acc_t(0));
+            }
+            acc[t] += a * sv;
+          }
+          continue;
+        }
         Footprint<acc_t> f;
         if (!footprint(x, y, H, W, f)) continue;
-        const scalar_t* vlevel = vhead + start * row;
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           if (f.off[c] < 0) continue;
@@ -141,12 +203,12 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
   return v;
 }
 
-template <typename scalar_t, int CPL>
+template <typename scalar_t, typename loc_t, int CPL>
 __global__ void __launch_bounds__(kThreads) ms_deform_attn_backward_kernel(
     const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
-    const scalar_t* __restrict__ loc, const scalar_t* __restrict__ attn, const scalar_t* __restrict__ grad_out,
-    at::opmath_type<scalar_t>* __restrict__ grad_value, scalar_t* __restrict__ grad_loc,
-    scalar_t* __restrict__ grad_attn, int64_t N, int64_t S, int64_t M, int64_t D, int64_t Q, int64_t L,
+    const loc_t* __restrict__ loc, const loc_t* __restrict__ attn, const scalar_t* __restrict__ grad_out,
+    at::opmath_type<scalar_t>* __restrict__ grad_value, loc_t* __restrict__ grad_loc,
+    loc_t* __restrict__ grad_attn, int64_t N, int64_t S, int64_t M, int64_t D, int64_t Q, int64_t L,
     int64_t P) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t nqm = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / kWarp;
@@ -175,9 +237,39 @@ __global__ void __launch_bounds__(kThreads) ms_deform_attn_backward_kernel(
       const int64_t l = (base + k) / P;
       const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
       if (start < 0 || start + H * W > S) continue;
+      const int64_t level_off = head_off + start * row;
+      const acc_t ix = x * static_cast<acc_t>(W) - acc_t(0.5), iy = y * static_cast<acc_t>(H) - acc_t(0.5);
+      if (!(is_finite(ix) && is_finite(iy) && is_finite(a))) {  // rare, uniform over the warp
+        RefFootprint<acc_t> r;
+        ref_footprint(ix, iy, H, W, r);
+        acc_t ga = 0, gx = 0, gy = 0;
+        for (int64_t d = lane; d < D; d += kWarp) {
+          const acc_t g = static_cast<acc_t>(grad_out[nqm * D + d]);
+          const acc_t gs = a * g;
+          acc_t sv = 0;
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int64_t idx = level_off + r.off[c] * row + d;
+            const acc_t v = r.off[c] >= 0 ? static_cast<acc_t>(value[idx]) : acc_t(0);
+            sv += r.w[c] * v;
+            gx += r.dx[c] * v * gs;
+            gy += r.dy[c] * v * gs;
+            if (r.off[c] >= 0) atomicAdd(grad_value + idx, r.w[c] * gs);
+          }
+          ga += g * sv;
+        }
+        ga = warp_sum(ga);
+        gx = warp_sum(gx);
+        gy = warp_sum(gy);
+        if (lane == k) {
+          out_ga = ga;
+          out_gx = gx * static_cast<acc_t>(W);
+          out_gy = gy * static_cast<acc_t>(H);
+        }
+        continue;
+      }
       Footprint<acc_t> f;
       if (!footprint(x, y, H, W, f)) continue;
-      const int64_t level_off = head_off + start * row;
       acc_t dot[4] = {0, 0, 0, 0};
       for (int64_t c0 = 0; c0 < D; c0 += kWarp * CPL) {
 #pragma unroll
@@ -227,6 +319,21 @@ void with_cpl(int64_t D, F&& f) {
   }
 }
 
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<loc_t>) with loc_t = scalar_t, or float for the mixed form (16-bit value, float32
+// locations and weights). Only 16-bit value types instantiate the mixed form.
+template <typename scalar_t, typename F>
+void with_loc_type(bool mixed, F&& f) {
+  if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+    if (mixed) return f(TypeTag<float>{});
+  }
+  f(TypeTag<scalar_t>{});
+}
+
 int64_t num_blocks(const Sizes& s) { return (s.N * s.Q * s.M * kWarp + kThreads - 1) / kThreads; }
 
 at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value_in, const at::Tensor& spatial_shapes,
@@ -245,18 +352,19 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value_in, const at::Ten
   if (value.numel() == 0) return out.zero_();
   TORCH_CHECK(num_blocks(s) < (int64_t{1} << 31), "deform_attn: too many (batch, query, head) triples");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda",
-                                  [&] {
-                                    with_cpl(s.D, [&](auto cpl) {
-                                      ms_deform_attn_forward_kernel<scalar_t, decltype(cpl)::value>
-                                          <<<num_blocks(s), kThreads, 0, stream>>>(
-                                              value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
-                                              starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(),
-                                              attn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), s.N, s.S, s.M,
-                                              s.D, s.Q, s.L, s.P);
-                                      C10_CUDA_KERNEL_LAUNCH_CHECK();
-                                    });
-                                  });
+  const bool mixed = loc.scalar_type() != value.scalar_type();  // 16-bit value, float32 locations / weights
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
+    with_loc_type<scalar_t>(mixed, [&](auto loc_tag) {
+      using loc_t = typename decltype(loc_tag)::type;
+      with_cpl(s.D, [&](auto cpl) {
+        ms_deform_attn_forward_kernel<scalar_t, loc_t, decltype(cpl)::value><<<num_blocks(s), kThreads, 0, stream>>>(
+            value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+            loc.data_ptr<loc_t>(), attn.data_ptr<loc_t>(), out.data_ptr<scalar_t>(), s.N, s.S, s.M, s.D, s.Q, s.L,
+            s.P);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
   return out;
 }
 
@@ -283,17 +391,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   if (grad_attn.numel() > 0 && value.numel() > 0) {
     TORCH_CHECK(num_blocks(s) < (int64_t{1} << 31), "deform_attn: too many (batch, query, head) triples");
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
-          with_cpl(s.D, [&](auto cpl) {
-            ms_deform_attn_backward_kernel<scalar_t, decltype(cpl)::value><<<num_blocks(s), kThreads, 0, stream>>>(
-                value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
-                loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), gout.data_ptr<scalar_t>(),
-                grad_value_acc.data_ptr<at::opmath_type<scalar_t>>(), grad_loc.data_ptr<scalar_t>(),
-                grad_attn.data_ptr<scalar_t>(), s.N, s.S, s.M, s.D, s.Q, s.L, s.P);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          });
+    const bool mixed = loc.scalar_type() != value.scalar_type();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
+      with_loc_type<scalar_t>(mixed, [&](auto loc_tag) {
+        using loc_t = typename decltype(loc_tag)::type;
+        with_cpl(s.D, [&](auto cpl) {
+          ms_deform_attn_backward_kernel<scalar_t, loc_t, decltype(cpl)::value><<<num_blocks(s), kThreads, 0, stream>>>(
+              value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+              loc.data_ptr<loc_t>(), attn.data_ptr<loc_t>(), gout.data_ptr<scalar_t>(),
+              grad_value_acc.data_ptr<at::opmath_type<scalar_t>>(), grad_loc.data_ptr<loc_t>(),
+              grad_attn.data_ptr<loc_t>(), s.N, s.S, s.M, s.D, s.Q, s.L, s.P);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
+      });
+    });
   }
   return {grad_value_acc.to(value.scalar_type()), grad_loc, grad_attn};
 }

@@ -1,15 +1,17 @@
 """Dispatch of ``ms_deform_attn`` to the compiled kernels, with the pure-PyTorch path as fallback.
 
 The compiled extension ``deform_attn._C`` defines the ops ``torch.ops.deform_attn.ms_deform_attn`` and
-``torch.ops.deform_attn._ms_deform_attn_backward`` and registers their CPU (float32, float64) and CUDA
-(float32, float64, float16, bfloat16) kernels. This module adds, with ``torch.library``:
+``torch.ops.deform_attn._ms_deform_attn_backward`` and registers their CPU and CUDA kernels (float32,
+float64, bfloat16, float16, and bfloat16/float16 values with float32 locations and weights) and their
+Autocast kernels. This module adds, with ``torch.library``:
 
 * the autograd formula (backward = the ``_ms_deform_attn_backward`` op; double backward raises),
 * fake (meta) kernels, so ``torch.compile(fullgraph=True)`` and ``torch.export`` trace through the op,
 
-and the public wrapper :func:`ms_deform_attn`, which validates the inputs with ``ValueError`` messages
-naming the argument and falls back to :func:`~deform_attn.reference.ms_deform_attn_reference` wherever no
-kernel exists (extension missing, float16/bfloat16 on CPU, other devices).
+the public wrapper :func:`ms_deform_attn`, which validates the inputs with ``ValueError`` messages naming
+the argument and falls back to :func:`~deform_attn.reference.ms_deform_attn_reference` wherever no kernel
+exists (extension missing, other devices), and the choice of the CPU kernel copy (:func:`cpu_isa`,
+:func:`set_cpu_isa`; ``DEFORM_ATTN_CPU_ISA``, applied at import).
 """
 
 from __future__ import annotations
@@ -24,10 +26,19 @@ from torch import Tensor
 
 from .reference import ms_deform_attn_reference
 
-__all__ = ["build_info", "extension_available", "kernel_available", "ms_deform_attn"]
+__all__ = [
+    "build_info",
+    "cpu_isa",
+    "cpu_isas_supported",
+    "extension_available",
+    "kernel_available",
+    "ms_deform_attn",
+    "set_cpu_isa",
+]
 
-_CPU_DTYPES = (torch.float32, torch.float64)
-_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_HALF = (torch.bfloat16, torch.float16)
+CPU_ISAS = ("generic", "avx2", "avx512", "avx512bf16")
 
 
 def _load_extension() -> tuple[ModuleType | None, str]:
@@ -57,6 +68,53 @@ if _C is None and os.environ.get("DEFORM_ATTN_NO_EXT") != "1":
     )
 
 
+def _apply_isa_env() -> None:
+    """Apply ``DEFORM_ATTN_CPU_ISA`` at import: a bad value fails ``import deform_attn`` with the reason."""
+    name = os.environ.get("DEFORM_ATTN_CPU_ISA", "")
+    if _C is not None and name:
+        try:
+            _C.set_cpu_isa(name)
+        except (ValueError, RuntimeError) as exc:
+            raise type(exc)(f"{exc} [from the environment variable DEFORM_ATTN_CPU_ISA={name!r}]") from None
+
+
+_apply_isa_env()
+
+
+def cpu_isa() -> str:
+    """The CPU kernel copy in use: ``"generic"``, ``"avx2"``, ``"avx512"`` or ``"avx512bf16"`` (the AVX-512
+    copy plus AVX512-BF16 instructions for bfloat16 values). Chosen at run time from the CPU's and OS's
+    flags (CPUID/XGETBV), unless forced by ``DEFORM_ATTN_CPU_ISA`` or :func:`set_cpu_isa`.
+
+    Raises:
+        RuntimeError: the extension is not built.
+    """
+    if _C is None:
+        raise RuntimeError(f"deform_attn: no CPU kernels ({_MISSING_REASON})")
+    return str(_C.cpu_isa())
+
+
+def cpu_isas_supported() -> list[str]:
+    """The CPU kernel copies this CPU and OS can run (``[]`` without the extension)."""
+    return [] if _C is None else [str(x) for x in _C.cpu_isas_supported()]
+
+
+def set_cpu_isa(name: str) -> None:
+    """Select the CPU kernel copy for this process (all threads): ``"auto"`` (the best the CPU supports),
+    ``"generic"``, ``"avx2"``, ``"avx512"`` or ``"avx512bf16"``. Every copy computes the same op; tests use
+    this to check each copy in one process.
+
+    Raises:
+        ValueError: unknown name.
+        RuntimeError: this CPU (or OS) lacks the copy; the message names the missing flags and the CPU's.
+    """
+    if _C is None:
+        raise RuntimeError(f"deform_attn: no CPU kernels ({_MISSING_REASON})")
+    if not isinstance(name, str):
+        raise ValueError(f"set_cpu_isa: name must be a str, got {type(name).__name__}")
+    _C.set_cpu_isa(name)
+
+
 def extension_available() -> bool:
     """True when the compiled kernels are loaded."""
     return _C is not None
@@ -68,21 +126,23 @@ def kernel_available(device: torch.device | str, dtype: torch.dtype) -> bool:
         return False
     device_type = torch.device(device).type
     if device_type == "cpu":
-        return dtype in _CPU_DTYPES
+        return dtype in _DTYPES
     if device_type == "cuda":
-        return bool(_C.with_cuda) and dtype in _CUDA_DTYPES
+        return bool(_C.with_cuda) and dtype in _DTYPES
     return False
 
 
 def build_info() -> str:
-    """One line saying which kernels this install has, e.g.
-    ``deform_attn: kernels CPU (float32, float64); CUDA 13.0 archs 800,900 (float32, float64, float16, bfloat16)``.
+    """One line saying which kernels this install has and which CPU copy runs, e.g. ``deform_attn: kernels
+    CPU (float32, float64, bfloat16, float16) copy avx512bf16 [supported: generic, avx2, avx512, avx512bf16];
+    CUDA 13.0 archs 800,900 (float32, float64, bfloat16, float16); torch 2.14.1``.
     """
     if _C is None:
         return f"deform_attn: pure-PyTorch path only ({_MISSING_REASON}); torch {torch.__version__}"
-    parts = ["CPU (float32, float64)"]
+    dtypes = "float32, float64, bfloat16, float16"
+    parts = [f"CPU ({dtypes}) copy {_C.cpu_isa()} [supported: {', '.join(_C.cpu_isas_supported())}]"]
     if _C.with_cuda:
-        parts.append(f"{_C.cuda_build_info()} (float32, float64, float16, bfloat16)")
+        parts.append(f"{_C.cuda_build_info()} ({dtypes})")
     else:
         parts.append("no CUDA kernel (built without a CUDA toolkit)")
     return f"deform_attn: kernels {'; '.join(parts)}; torch {torch.__version__}"
@@ -100,7 +160,7 @@ if _C is not None:
         im2col_step: int,
     ) -> Tensor:
         n, _, m, d = value.shape
-        return value.new_empty((n, sampling_locations.shape[1], m * d))
+        return value.new_empty((n, sampling_locations.shape[1], m * d))  # in value's dtype
 
     @torch.library.register_fake("deform_attn::_ms_deform_attn_backward")
     def _ms_deform_attn_backward_fake(
@@ -169,6 +229,31 @@ def _tracing(*tensors: Tensor) -> bool:
     return any(is_fake(t) for t in tensors)
 
 
+def dtypes_supported(value: torch.dtype, locations: torch.dtype, weights: torch.dtype) -> bool:
+    """The op's dtype rule: all three of one dtype (float32, float64, bfloat16, float16), or value in
+    bfloat16/float16 with float32 locations and weights (the gathered value, the bandwidth, is halved while
+    the locations keep float32 precision; bfloat16 locations have 8 mantissa bits, ~0.3 px on a 150-wide
+    map)."""
+    if value not in _DTYPES:
+        return False
+    same = locations == value and weights == value
+    return same or (value in _HALF and locations == torch.float32 and weights == torch.float32)
+
+
+def _dtypes_after_autocast(
+    value: Tensor, sampling_locations: Tensor, attention_weights: Tensor
+) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    """The dtypes the kernel will see: inside torch.autocast for value's device, the Autocast kernel casts
+    value to the autocast dtype and the locations / weights to float32 (float64 stays, as autocast does)."""
+    dtypes = (value.dtype, sampling_locations.dtype, attention_weights.dtype)
+    device_type = value.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return dtypes
+    low = torch.get_autocast_dtype(device_type)
+    v, loc, w = (d if d == torch.float64 or not d.is_floating_point else None for d in dtypes)
+    return (v or low, loc or torch.float32, w or torch.float32)
+
+
 def _validate(
     value: Tensor,
     spatial_shapes: Tensor,
@@ -226,11 +311,12 @@ def _validate(
         )
     if not value.is_floating_point():
         raise ValueError(f"value must be floating point, got {value.dtype}")
-    for name in ("sampling_locations", "attention_weights"):
-        if named[name].dtype != value.dtype:
-            raise ValueError(
-                f"{name} has dtype {named[name].dtype}, value has {value.dtype}; they must match"
-            )
+    if not dtypes_supported(*_dtypes_after_autocast(value, sampling_locations, attention_weights)):
+        raise ValueError(
+            f"unsupported dtypes: value {value.dtype}, sampling_locations {sampling_locations.dtype}, "
+            f"attention_weights {attention_weights.dtype}; all three must be one of float32, float64, "
+            "bfloat16, float16, or value bfloat16/float16 with float32 sampling_locations and attention_weights"
+        )
     for name, t in named.items():
         if t.device != value.device:
             raise ValueError(
@@ -276,7 +362,17 @@ def ms_deform_attn(
             ignore it (no divisibility rule on the batch).
 
     Returns:
-        Tensor[N, Q, M * D].
+        Tensor[N, Q, M * D] in value's dtype.
+
+    dtypes: value, sampling_locations and attention_weights all float32, float64, bfloat16 or float16, or
+    value bfloat16/float16 with float32 sampling_locations and attention_weights (the only mixed form).
+    Accumulation is float32 (float64 for float64); 16-bit outputs and gradients are rounded to nearest even;
+    each gradient has its input's dtype. Under ``torch.autocast(device, dtype=bfloat16/float16)`` the op
+    casts value to the autocast dtype and the locations and weights to float32 (float64 is never cast).
+
+    Non-finite inputs propagate like the ``F.grid_sample`` reference: a NaN or infinite location or
+    attention weight makes that head's output NaN (and its gradients NaN as grid_sample's backward gives
+    them), NaN/inf values propagate through every in-map corner, also with zero weight.
 
     Raises:
         ValueError: on inconsistent shapes, dtypes or devices, naming the argument.
@@ -287,6 +383,17 @@ def ms_deform_attn(
     if n == 0 or q == 0 or m * d == 0:
         return value.new_zeros((n, q, m * d))
     if not kernel_available(value.device, value.dtype):
+        if torch.is_autocast_enabled(value.device.type) and value.device.type in ("cpu", "cuda"):
+            vt, lt, _ = _dtypes_after_autocast(value, sampling_locations, attention_weights)
+            value, sampling_locations, attention_weights = (
+                value.to(vt),
+                sampling_locations.to(lt),
+                attention_weights.to(lt),
+            )
+        if value.dtype != sampling_locations.dtype:  # the mixed form: float32 arithmetic, value's dtype out
+            return ms_deform_attn_reference(
+                value.float(), spatial_shapes, level_start_index, sampling_locations, attention_weights
+            ).to(value.dtype)
         return ms_deform_attn_reference(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )

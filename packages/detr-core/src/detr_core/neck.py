@@ -38,6 +38,7 @@ def masked_group_norm(x: Tensor, gn: nn.GroupNorm, pad: Tensor | None) -> Tensor
     """
     if pad is None:
         return gn(x)
+    x = x.float()  # statistics in float32, also under autocast
     b, c, h, w = x.shape
     g = gn.num_groups
     xg = x.reshape(b, g, c // g, h, w)  # a copy for a channels-last x

@@ -153,7 +153,12 @@ def select_queries(
     """
     memory_masked, proposals = encoder_output_proposals(memory, padding_mask, spatial_shapes, base_scale)
     output_memory = project(memory_masked)
-    logits_all = class_head(output_memory)
+    if torch.is_autocast_enabled(memory.device.type):
+        # the selection is a decision: score every token in float32 (a 16-bit class head would tie many of them)
+        with torch.autocast(memory.device.type, enabled=False):
+            logits_all = class_head(output_memory.float())
+    else:
+        logits_all = class_head(output_memory)
     scores = logits_all.max(-1).values  # (B, S)
     if padding_mask is not None and exclude_padding:
         scores = scores.masked_fill(padding_mask, float("-inf"))

@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision import tv_tensors
 
+from coco_eval import EvaluationError, panoptic_io
+from coco_eval.panoptic_io import id2rgb, rgb2id
 from maskdino.data.coco import (
     DatasetMetadata,
     RecordDataset,
@@ -28,26 +29,19 @@ from maskdino.data.transforms import SEM_SEG_IGNORE, masks_to_boxes
 __all__ = ["PanopticDataset", "id2rgb", "load_coco_panoptic", "read_panoptic_png", "rgb2id"]
 
 
-def rgb2id(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 -> (H, W) int64 segment ids."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
-
-
-def id2rgb(ids: np.ndarray) -> np.ndarray:
-    """(H, W) int segment ids -> (H, W, 3) uint8 colours (inverse of :func:`rgb2id`)."""
-    ids = ids.astype(np.int64)
-    return np.stack([ids % 256, (ids // 256) % 256, (ids // 65536) % 256], axis=-1).astype(np.uint8)
-
-
 def read_panoptic_png(path: str | Path) -> np.ndarray:
+    """``(H, W)`` int64 segment ids of a COCO panoptic PNG (coco-eval's reader; its errors as :class:`DataError`).
+
+    Raises:
+        FileNotFoundError: no such file. DataError: not a readable RGB panoptic PNG (named).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"panoptic PNG not found: {path}")
-    with Image.open(path) as img:
-        if img.mode != "RGB":
-            raise DataError(f"{path}: panoptic PNG must be RGB (ids encoded as R + 256 G + 256^2 B), got mode {img.mode}")
-        return rgb2id(np.asarray(img))
+    try:
+        return panoptic_io.read_panoptic_png(path).astype(np.int64)
+    except EvaluationError as e:
+        raise DataError(str(e)) from None
 
 
 def load_coco_panoptic(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -83,11 +83,21 @@ def evaluate(
     output_dir: str | Path | None = None,
     num_workers: int = 0,
     progress: bool = False,
+    precision: Literal["fp32", "bf16"] | None = None,
 ) -> dict[str, float]:
     """Evaluate ``model`` on ``dataset`` (the val split with its test-time transform).
 
-    Returns flat metrics (``bbox/AP``, ``segm/AP``, ``panoptic/PQ``, ``sem_seg/mIoU``, ...) on rank 0.
-    With ``output_dir``, rank 0 also writes ``metrics.json`` and ``coco_instances_results.json`` there.
+    The evaluators are coco-eval's streaming ones with its fastest exact backend (hotcoco when installed; the
+    result's ``*/backend`` key says which ran): each image's predictions are reduced to compact records (masks to
+    RLE) as they come, so memory stays bounded by the dataset's size in records, not in masks. Under
+    torch.distributed every rank predicts its shard and the evaluators gather to rank 0.
+
+    Args:
+        progress: tqdm bars (rank 0) for the predictions and the evaluation itself.
+        precision: the inference precision (default the model's own, ``model.precision``).
+
+    Returns flat metrics (``bbox/AP``, ``segm/AP``, ``panoptic/PQ``, ``sem_seg/mIoU``, ...) on rank 0 ({} on other
+    ranks). With ``output_dir``, rank 0 also writes ``metrics.json`` and ``coco_instances_results.json`` there.
     """
     from coco_eval import COCOInstanceEvaluator, COCOPanopticEvaluator, SemSegEvaluator
 
@@ -102,8 +112,9 @@ def evaluate(
 
     inst_eval = pan_eval = sem_eval = None
     allowed = None
+    show = progress and get_rank() == 0
     if spec.instances_json and instance_on:
-        inst_eval = COCOInstanceEvaluator(spec.instances_json)
+        inst_eval = COCOInstanceEvaluator(spec.instances_json, backend="auto", progress=show)
         allowed = {int(c["id"]) for c in inst_eval.gt["categories"]}
     if spec.panoptic_json and spec.panoptic_dir and panoptic_on:
         pan_eval = COCOPanopticEvaluator(spec.panoptic_json, spec.panoptic_dir)
@@ -113,7 +124,7 @@ def evaluate(
 
     loader = build_test_loader(dataset, get_rank(), get_world_size(), batch_size=1, num_workers=num_workers)
     it = loader
-    if progress and get_rank() == 0:
+    if show:
         from tqdm import tqdm
 
         it = tqdm(loader, desc="eval", leave=False, dynamic_ncols=True)
@@ -123,7 +134,8 @@ def evaluate(
         for batch in it:
             images = [s["image"].as_subclass(torch.Tensor).to(device).float() for s in batch]
             sizes = [(int(s["height"]), int(s["width"])) for s in batch]
-            preds = _predict(net, images, sizes, tasks)
+            chosen = [k for k, v in tasks.items() if v] or None
+            preds = cast(Any, net).predict(images, original_sizes=sizes, tasks=chosen, precision=precision)
             for s, p in zip(batch, preds):
                 if inst_eval is not None and p.instances is not None:
                     inst_eval.process([{"image_id": s["image_id"]}], [instances_to_eval_output(p.instances, meta, allowed)])
@@ -150,9 +162,3 @@ def evaluate(
                 inst_eval.save_results(out / "coco_instances_results.json")
     return results
 
-
-def _predict(net: Any, images, sizes, tasks: dict[str, bool]):
-    try:
-        return net.predict(images, original_sizes=sizes, tasks=[k for k, v in tasks.items() if v] or None)
-    except TypeError:
-        return net.predict(images, original_sizes=sizes)

@@ -8,7 +8,8 @@ Official ``MaskDINOEncoder`` (``maskdino/modeling/pixel_decoder/maskdino_encoder
 * ``feature_order="low2high"``: encoder levels ``[1/8, 1/16, 1/32, 1/64]`` (``input_proj[0]`` = res3);
   ``"high2low"``: ``[1/64, 1/32, 1/16, 1/8]`` (``input_proj[0]`` = res5, extra levels last in ``input_proj``);
 * each level's tokens get a sine position embedding (of that level's map) + ``level_embed[lvl]``;
-* the deformable encoder runs in float32 (autocast off);
+* under autocast the encoder runs in the autocast dtype, the deformable attention with a 16-bit value and float32
+  sampling locations (the op's own autocast rule); the official code runs the encoder in float32;
 * mask features: ``adapter_1(res2)`` (Conv1x1 no bias + GN) + bilinear upsample of the encoder's 1/8 map,
   ``layer_1`` (Conv3x3 no bias + GN + ReLU), ``mask_features`` (Conv1x1 + bias).
 
@@ -249,12 +250,9 @@ class MaskDINOPixelDecoder(nn.Module):
         Returns:
             :class:`PixelDecoderOutput`.
         """
-        device_type = next(iter(features.values())).device.type
-        if torch.is_autocast_enabled(device_type):
-            # deformable attention is run in float32 as in the official code
-            with torch.autocast(device_type=device_type, enabled=False):
-                return self._forward({k: v.float() for k, v in features.items()}, batch)
-        return self._forward({k: v.float() for k, v in features.items()}, batch)
+        # Under autocast the encoder's matrix products run in the autocast dtype and the deformable attention op
+        # casts its own inputs (a 16-bit value, float32 locations and weights: deform_attn's Autocast kernel).
+        return self._forward(features, batch)
 
     def _forward(self, features: Mapping[str, Tensor], batch: PaddedBatch) -> PixelDecoderOutput:
         levels = self.input_proj([features[k] for k in self.transformer_in_features], batch)

@@ -265,29 +265,18 @@ class MaskDINOPredictor(nn.Module):
         if self.initial_pred:
             lg, mk = self.prediction_heads(content, mask_features, self.training)
             levels.append(QueryPredictions(lg, anchors_unsigmoid.sigmoid(), mk))
-        args = (memory.spatial_shapes, memory.level_start_index)
-        if torch.is_autocast_enabled(memory.tokens.device.type):
-            # the official decoder layers run with autocast disabled (float32 deformable attention)
-            with torch.autocast(device_type=memory.tokens.device.type, enabled=False):
-                hs, references = self.decoder(
-                    content.float(),
-                    memory.tokens.float(),
-                    anchors_unsigmoid.float(),
-                    *args,
-                    memory.valid_ratios.float(),
-                    memory.padding_mask,
-                    self_attn_mask,
-                )
-        else:
-            hs, references = self.decoder(
-                content,
-                memory.tokens,
-                anchors_unsigmoid,
-                *args,
-                memory.valid_ratios,
-                memory.padding_mask,
-                self_attn_mask,
-            )
+        # under autocast the layers run in the autocast dtype; the deformable attention op casts its own inputs
+        # (deform_attn's Autocast kernel: 16-bit value, float32 sampling locations); reference boxes stay float32
+        hs, references = self.decoder(
+            content,
+            memory.tokens,
+            anchors_unsigmoid.float(),
+            memory.spatial_shapes,
+            memory.level_start_index,
+            memory.valid_ratios,
+            memory.padding_mask,
+            self_attn_mask,
+        )
         boxes = look_forward_twice(hs, references, self.bbox_embed)
         for i, (h, bx) in enumerate(zip(hs, boxes)):
             lg, mk = self.prediction_heads(h, mask_features, self.training or i == len(hs) - 1)
