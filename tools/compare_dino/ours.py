@@ -10,8 +10,9 @@ indices (see :func:`compare_forward`); the other tensors when ``max|ours - offic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,9 @@ __all__ = [
     "config_from_official_args",
     "import_example",
     "key_rows",
+    "official_arithmetic",
     "tensor_diff",
+    "training_step",
 ]
 
 
@@ -41,6 +44,26 @@ def import_example() -> Any:
     import dino
 
     return dino
+
+
+@contextlib.contextmanager
+def official_arithmetic(model: nn.Module) -> Iterator[None]:
+    """Within the block our model computes in the official operation order: the backbone applies each frozen norm
+    after its convolution (no folding) and every deformable attention runs deform_attn's pure-PyTorch reference,
+    the official ``ms_deform_attn_core_pytorch`` formula (``grid_sample`` per level, weighted sum). Outside it our
+    inference defaults apply (folded norms, the compiled kernels): the same function, other rounding."""
+    import deform_attn
+    import deform_attn.modules
+
+    kernel = deform_attn.modules.ms_deform_attn
+    fold = model.backbone.fold_norms
+    deform_attn.modules.ms_deform_attn = deform_attn.ms_deform_attn_reference
+    model.backbone.fold_norms = False
+    try:
+        yield
+    finally:
+        deform_attn.modules.ms_deform_attn = kernel
+        model.backbone.fold_norms = fold
 
 
 # ============================================================================================ report
@@ -327,6 +350,51 @@ def compare_postprocess(report: Report, off_results: list[dict[str, Tensor]], ou
 
 
 # ============================================================================================ losses
+
+
+def training_step(
+    model: nn.Module, criterion: Any, images: Sequence[Tensor], targets: list, indices: Tensor, seed: int
+):
+    """One training-mode forward + criterion + backward after ``torch.manual_seed(seed)``; returns ``(outputs,
+    unweighted losses, weighted total, {canonical parameter name: grad})``."""
+    dino = import_example()
+    model.train()
+    model.zero_grad()
+    try:
+        torch.manual_seed(seed)
+        out = model(list(images), [dict(t) for t in targets], indices=indices)
+        losses = criterion(out, targets)
+        total = sum(criterion.weighted(losses).values())
+        total.backward()
+    finally:
+        model.eval()
+
+    def canonical(name: str) -> str:  # a shared module's parameters are listed under its first name
+        for alias, canon in dino.ALIASES.items():
+            name = canon + name.removeprefix(alias) if name.startswith(alias) else name
+        return name
+
+    grads = {canonical(n): p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return out, losses, total, grads
+
+
+def compare_grads(
+    report: Report, name: str, ours: Mapping[str, Tensor], official: Mapping[str, Tensor], limit: float
+) -> None:
+    """``max|diff| / max|official|`` of every parameter's gradient (the official names mapped to ours)."""
+    worst, worst_name = 0.0, ""
+    for n, g in ours.items():
+        if n in official:
+            err = float((g - official[n]).abs().max()) / max(float(official[n].abs().max()), 1e-12)
+            if err > worst:
+                worst, worst_name = err, n
+    missing = sorted(set(official) ^ set(ours))
+    report.add(
+        "losses",
+        name,
+        worst <= limit and not missing,
+        f"{len(ours)} tensors; worst {worst:.1e} ({worst_name}) (limit {limit:.0e}); unmatched: {missing[:3]}",
+    )
 
 
 def compare_losses(
