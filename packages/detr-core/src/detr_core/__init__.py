@@ -2,9 +2,9 @@
 
 Modules: ``padding`` (``PaddedBatch``, the padded-batch value object), ``backbone`` (the ``Backbone`` contract,
 ResNets), ``outputs`` (typed head outputs), ``box_ops`` (geometry), ``position_encoding`` (sine embeddings),
-``layers`` (MLP), ``encoder`` / ``decoder`` (deformable transformer with iterative box refinement),
+``layers`` (MLP), ``neck`` (input projections), ``encoder`` / ``decoder`` (deformable transformer with iterative box refinement),
 ``query_selection`` (two-stage), ``denoising`` (DN queries), ``matcher`` (Hungarian), ``losses`` (focal, box, dice,
-point sampling, SetCriterion), ``checkpoint`` (safe files, key maps from official layouts, strict loading),
+point sampling, SetCriterion), ``postprocess`` (top-k detections), ``checkpoint`` (safe files, key maps from official layouts, strict loading),
 ``distributed``. Tensors are batch-first ``(B, Q, C)``; boxes are cxcywh normalised to ``[0, 1]`` unless stated.
 """
 
@@ -19,9 +19,11 @@ from . import (
     layers,
     losses,
     matcher,
+    neck,
     outputs,
     padding,
     position_encoding,
+    postprocess,
     query_selection,
 )
 from .backbone import Backbone, ResNetBackbone, ShapeSpec
@@ -31,9 +33,11 @@ from .encoder import DeformableEncoder, DeformableEncoderLayer
 from .layers import MLP
 from .losses import SetCriterion
 from .matcher import HungarianMatcher
+from .neck import InputProjection
 from .outputs import DenoisingPredictions, DetectionOutputs, QueryPredictions, split_denoising
 from .padding import PaddedBatch
 from .position_encoding import PositionEmbeddingSine, sine_embedding
+from .postprocess import Detections, topk_detections
 
 __version__ = "0.2.0"
 
@@ -42,6 +46,8 @@ __all__ = [
     "Backbone",
     "DenoisingPredictions",
     "DetectionOutputs",
+    "Detections",
+    "InputProjection",
     "PaddedBatch",
     "QueryPredictions",
     "ResNetBackbone",
@@ -70,8 +76,11 @@ __all__ = [
     "look_forward_twice",
     "losses",
     "matcher",
+    "neck",
     "position_encoding",
+    "postprocess",
     "query_selection",
     "sine_embedding",
     "split_denoising_outputs",
+    "topk_detections",
 ]

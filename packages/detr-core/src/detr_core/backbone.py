@@ -112,6 +112,9 @@ class ResNetBackbone(nn.Module):
         if weights is not None:
             self.load_torchvision_weights(weights)
         self.freeze(freeze_at)
+        #: inference folds each FrozenBatchNorm2d into its convolution (faster; equal up to float rounding). False
+        #: keeps the reference order ``bn(conv(x))``, e.g. to compare with another implementation at 1e-5.
+        self.fold_norms = True
 
     @property
     def supports_padding_mask(self) -> bool:
@@ -180,7 +183,8 @@ class ResNetBackbone(nn.Module):
         """Fold the frozen norms into the convolutions: inference (no autograd) with FrozenBatchNorm2d only.
         Not under torch.compile/export, which trace the plain module graph."""
         return (
-            not torch.is_grad_enabled()
+            self.fold_norms
+            and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
             and isinstance(self.bn1, FrozenBatchNorm2d)
         )

@@ -35,18 +35,21 @@ from torch import Tensor, nn
 __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
+    "ForeignLayoutError",
     "KeyMap",
     "KeyMapError",
     "LoadReport",
     "check_finite",
     "extract_state_dict",
     "load_checkpoint_file",
+    "load_foreign_checkpoint",
     "load_into_model",
     "load_state_dict_file",
     "match_aliases",
     "remove_orphaned_temporaries",
     "restricted_pickle_load",
     "save_checkpoint",
+    "strip_prefix",
 ]
 
 PathLike = str | os.PathLike
@@ -290,19 +293,28 @@ def _to_tensor(v: Any, key: str) -> Tensor:
     raise TypeError(f"{key}: expected an array or tensor, got {type(v).__name__}")
 
 
-def extract_state_dict(obj: Any, source: PathLike | str = "checkpoint") -> dict[str, Tensor]:
+def extract_state_dict(obj: Any, source: PathLike | str = "checkpoint", key: str | None = None) -> dict[str, Tensor]:
     """The state dict inside a checkpoint object: ``{"model": sd, ...}`` (detectron2, DINO, ours),
     ``{"state_dict": sd}`` or ``sd`` itself. Numpy arrays become tensors; non-tensor entries (e.g. ``__author__``
     strings) are dropped.
 
+    Args:
+        key: take ``obj[key]`` (e.g. ``"ema_model"``, the EMA weights DINO / Deformable DETR files may hold) instead
+            of looking for ``model`` / ``state_dict``.
+
     Raises:
-        CheckpointError: no mapping of tensors inside.
+        CheckpointError: no mapping of tensors inside, or no ``key`` entry (the message lists the entries).
     """
     sd: Any = obj
-    if isinstance(obj, Mapping):
-        for key in ("model", "state_dict"):
-            if key in obj and isinstance(obj[key], Mapping):
-                sd = obj[key]
+    if key is not None:
+        if not (isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping)):
+            have = sorted(str(k) for k in obj) if isinstance(obj, Mapping) else []
+            raise CheckpointError(f"{source}: has no {key!r} weights (entries: {have[:20]})")
+        sd = obj[key]
+    elif isinstance(obj, Mapping):
+        for k in ("model", "state_dict"):
+            if k in obj and isinstance(obj[k], Mapping):
+                sd = obj[k]
                 break
     if not isinstance(sd, Mapping):
         raise CheckpointError(f"{source}: expected a dict of weights, got {type(obj).__name__}")
@@ -313,6 +325,12 @@ def extract_state_dict(obj: Any, source: PathLike | str = "checkpoint") -> dict[
     if sd and not out:
         raise CheckpointError(f"{source}: holds no tensors (not a weights file)")
     return out
+
+
+def strip_prefix(sd: Mapping[str, Tensor], prefix: str = "module.") -> dict[str, Tensor]:
+    """``sd`` with ``prefix`` removed from the keys that start with it (``module.``: a model saved inside
+    ``DistributedDataParallel``); other keys unchanged."""
+    return {k.removeprefix(prefix): v for k, v in sd.items()}
 
 
 def load_state_dict_file(path: PathLike) -> dict[str, Tensor]:
@@ -345,6 +363,10 @@ class KeyMapError(ValueError):
     """A foreign state dict does not fit a key map (e.g. copies of a shared module differ)."""
 
 
+class ForeignLayoutError(CheckpointError):
+    """A state dict is not in the layout a key map converts from (another model's checkpoint)."""
+
+
 Replacement = str | Callable[[re.Match[str]], str] | None
 
 
@@ -364,9 +386,15 @@ class KeyMap:
 
     When several source keys end up with the same name (one module registered under several names in the source
     model), their tensors must be equal; the first one is kept.
+
+    ``name`` names the source layout in messages; ``signature`` holds patterns that the source layout always has
+    (at least one key matches each): :meth:`check_source` raises :class:`ForeignLayoutError` for a state dict
+    that lacks one, i.e. a checkpoint of another model, before any key-by-key comparison.
     """
 
     rules: Sequence[tuple[str, Replacement]]
+    name: str = "foreign"
+    signature: Sequence[str] = ()
     _compiled: tuple[tuple[re.Pattern[str], Replacement], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -402,6 +430,33 @@ class KeyMap:
                 continue
             out[new] = value
             origin[new] = key
+        return out
+
+    def check_source(self, sd: Mapping[str, Tensor], source: PathLike | str = "checkpoint") -> None:
+        """Raise :class:`ForeignLayoutError` unless every ``signature`` pattern matches a key of ``sd``."""
+        missing = [p for p in self.signature if not any(re.search(p, k) for k in sd)]
+        if missing:
+            sample = ", ".join(list(sd)[:5]) or "none"
+            raise ForeignLayoutError(
+                f"{source} is not a {self.name} checkpoint: no key matches {missing} (its {len(sd)} keys begin "
+                f"with: {sample})"
+            )
+
+    def to_source(self, sd: Mapping[str, Tensor], source_keys: Iterable[str]) -> dict[str, Tensor]:
+        """The inverse of :meth:`convert` for a known source layout: ``{k: sd[map_key(k)]}`` for every source key
+        ``k`` that is not dropped (copies of a shared module all get the same tensor).
+
+        Raises:
+            KeyMapError: a source key maps to a name ``sd`` does not have.
+        """
+        out: dict[str, Tensor] = {}
+        for key in source_keys:
+            new = self.map_key(key)
+            if new is None:
+                continue
+            if new not in sd:
+                raise KeyMapError(f"{key} maps to {new}, which the state dict does not have")
+            out[key] = sd[new]
         return out
 
 
@@ -487,3 +542,34 @@ def load_into_model(model: nn.Module, sd: Mapping[str, Tensor], strict: bool = T
     bad = {m.split(":")[0] for m in report.mismatched}
     model.load_state_dict({k: v for k, v in sd.items() if k in own and k not in bad}, strict=False)
     return report
+
+
+def load_foreign_checkpoint(
+    path: PathLike,
+    key_map: KeyMap,
+    model: nn.Module | None = None,
+    aliases: Mapping[str, str] | None = None,
+    key: str | None = None,
+    strict: bool = True,
+) -> dict[str, Tensor]:
+    """Read a checkpoint of another code base and convert it to our names (strictly by default).
+
+    Steps: :func:`load_checkpoint_file` (safe), :func:`extract_state_dict` (``model``, or ``key`` such as
+    ``"ema_model"``), :func:`strip_prefix` (``module.``), :meth:`KeyMap.check_source`, :meth:`KeyMap.convert`; with
+    a ``model``, :func:`match_aliases` with ``aliases`` and :func:`load_into_model`.
+
+    Raises:
+        FileNotFoundError, CheckpointError: unreadable file; ForeignLayoutError: another model's layout;
+        KeyMapError: untied copies of a shared module; CheckpointMismatchError: (strict) missing, unexpected or
+        shape-mismatched keys, all listed.
+
+    Returns:
+        The converted state dict (for ``model``'s names when a model is given).
+    """
+    sd = strip_prefix(extract_state_dict(load_checkpoint_file(path), path, key=key))
+    key_map.check_source(sd, path)
+    sd = key_map.convert(sd)
+    if model is not None:
+        sd = match_aliases(sd, model.state_dict().keys(), aliases or {})
+        load_into_model(model, sd, strict=strict)
+    return sd

@@ -106,7 +106,8 @@ class DeformableDecoder(nn.Module):
     - ``intermediate.append(norm(out))``.
 
     ``bbox_embed`` is assigned by the model (one module shared by all layers, or an ``nn.ModuleList`` with one per
-    layer). Positional embedding uses ``sine_embedding`` with ``d_model // 2`` features per coordinate, so
+    layer). ``inverse_sigmoid_eps`` is the clamp of ``inverse_sigmoid`` in the refinement (Deformable DETR / Mask DINO
+    1e-5, DINO 1e-3: it decides the logit of a reference at 0 or 1, e.g. a selected invalid proposal). Positional embedding uses ``sine_embedding`` with ``d_model // 2`` features per coordinate, so
     ``ref_point_head = MLP(2 * d_model, d_model, d_model, 2)``.
     """
 
@@ -121,6 +122,7 @@ class DeformableDecoder(nn.Module):
         n_heads: int = 8,
         n_points: int = 4,
         query_pos_from_scaled_reference: bool = True,
+        inverse_sigmoid_eps: float = 1e-5,
     ):
         super().__init__()
         if d_model % 2:
@@ -133,6 +135,7 @@ class DeformableDecoder(nn.Module):
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.bbox_embed: nn.Module | None = None
         self.query_pos_from_scaled_reference = query_pos_from_scaled_reference
+        self.inverse_sigmoid_eps = inverse_sigmoid_eps
 
     def forward(
         self,
@@ -184,7 +187,9 @@ class DeformableDecoder(nn.Module):
             )
             if self.bbox_embed is not None:
                 delta = _layer_bbox_embed(self.bbox_embed, i)(output)
-                new_reference_points = (delta + inverse_sigmoid(reference_points)).sigmoid()
+                new_reference_points = (
+                    delta + inverse_sigmoid(reference_points, self.inverse_sigmoid_eps)
+                ).sigmoid()
                 # "look forward twice": the next layer sees a detached reference, the loss sees the live one
                 reference_points = new_reference_points.detach()
                 references.append(new_reference_points)
@@ -195,7 +200,7 @@ class DeformableDecoder(nn.Module):
 
 
 def look_forward_twice(
-    hidden_states: list[Tensor], references: list[Tensor], bbox_embed: nn.Module
+    hidden_states: list[Tensor], references: list[Tensor], bbox_embed: nn.Module, eps: float = 1e-5
 ) -> list[Tensor]:
     """Box predictions of each decoder layer (DINO's "look forward twice").
 
@@ -207,11 +212,12 @@ def look_forward_twice(
         hidden_states: list of ``(B, Q, C)`` (normed decoder outputs).
         references: list of ``(B, Q, 4)`` sigmoid boxes, at least ``len(hidden_states)`` of them.
         bbox_embed: shared head or ``nn.ModuleList`` with one head per layer.
+        eps: the clamp of ``inverse_sigmoid`` (1e-5 Deformable DETR / Mask DINO, 1e-3 DINO).
 
     Returns:
         list of ``len(hidden_states)`` tensors ``(B, Q, 4)`` sigmoid boxes.
     """
     return [
-        (_layer_bbox_embed(bbox_embed, i)(hs) + inverse_sigmoid(ref)).sigmoid()
+        (_layer_bbox_embed(bbox_embed, i)(hs) + inverse_sigmoid(ref, eps)).sigmoid()
         for i, (hs, ref) in enumerate(zip(hidden_states, references))
     ]

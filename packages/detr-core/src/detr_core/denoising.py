@@ -14,6 +14,7 @@ Unused slots have zero content and zero anchor logits (box ``(0.5, 0.5, 0.5, 0.5
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -99,6 +100,8 @@ def build_denoising_queries(
     box_noise_scale: float = 0.4,
     contrastive: bool = False,
     generator: torch.Generator | None = None,
+    inverse_sigmoid_eps: float = 1e-5,
+    label_draws: Literal["all", "flipped"] = "all",
 ) -> DenoisingQueries | None:
     """Noised ground-truth queries for a batch.
 
@@ -115,7 +118,12 @@ def build_denoising_queries(
             (negatives), random sign. Boxes are clamped to ``[0, 1]``.
         contrastive: DINO contrastive form (positive and negative halves per group). As DINO, it keeps at least one
             group when ``dn_number < max_gt``.
-        generator: optional RNG for reproducible noise.
+        generator: optional RNG for reproducible noise (None: the global RNG).
+        inverse_sigmoid_eps: clamp of the anchors' ``inverse_sigmoid`` (Mask DINO 1e-5, DINO 1e-3).
+        label_draws: which labels get a random class drawn. ``"all"``: one ``randint`` for every label, used where
+            the flip is chosen. ``"flipped"``: ``randint`` only for the flipped ones, as the official DN-DETR / DINO
+            code draws them; with the same seed that gives its exact noise (the values of a draw are the same,
+            the number of draws differs, so every later draw shifts).
 
     Returns:
         ``DenoisingQueries`` or None when the batch has no target, or (DN-DETR form) ``dn_number // max_gt == 0``.
@@ -154,12 +162,21 @@ def build_denoising_queries(
     def rand(*shape: int) -> Tensor:
         return torch.rand(*shape, device=device, generator=generator)
 
+    if label_draws not in ("all", "flipped"):
+        raise ValueError(f"label_draws must be 'all' or 'flipped', got {label_draws!r}")
     if label_noise_ratio > 0:
         flip = rand(known_labels.shape[0]) < label_noise_ratio
-        random_labels = torch.randint(
-            0, num_classes, known_labels.shape, device=device, generator=generator, dtype=torch.long
-        )
-        known_labels = torch.where(flip, random_labels, known_labels)
+        if label_draws == "flipped":
+            chosen = flip.nonzero().view(-1)
+            new = torch.randint(
+                0, num_classes, chosen.shape, device=device, generator=generator, dtype=torch.long
+            )
+            known_labels = known_labels.scatter(0, chosen, new)
+        else:
+            random_labels = torch.randint(
+                0, num_classes, known_labels.shape, device=device, generator=generator, dtype=torch.long
+            )
+            known_labels = torch.where(flip, random_labels, known_labels)
 
     if box_noise_scale > 0:
         if contrastive:
@@ -184,7 +201,7 @@ def build_denoising_queries(
     content = label_embed.new_zeros(batch_size, pad_size, label_embed.shape[-1])
     content[known_bid, slot] = label_embed
     anchors = known_boxes.new_zeros(batch_size, pad_size, 4)
-    anchors[known_bid, slot] = inverse_sigmoid(known_boxes)
+    anchors[known_bid, slot] = inverse_sigmoid(known_boxes, inverse_sigmoid_eps)
     out_labels = torch.full((batch_size, pad_size), -1, dtype=torch.long, device=device)
     out_labels[known_bid, slot] = known_labels
     out_boxes = known_boxes.new_zeros(batch_size, pad_size, 4)

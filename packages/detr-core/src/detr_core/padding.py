@@ -6,9 +6,18 @@ convolution) asks the batch instead of receiving optional masks. Its :attr:`Padd
 place that decides whether padding is masked at all: off for models that treat the padding as image content (the
 official Mask DINO) and for batches where nothing is padded; every helper then returns its input or None, at no cost.
 
-Padding is at the bottom and right. At a feature stride ``s`` an image of ``(h, w)`` pixels covers
-``(ceil(h / s), ceil(w / s))`` positions: exact for every stride-2 layer of the usual backbones (``k=1,p=0``,
-``k=3,p=1``, ``k=7,p=3``) since ``ceil(ceil(a / b) / c) == ceil(a / (b c))``.
+Padding is at the bottom and right. Two rules say which positions of a feature map are padding
+(:attr:`PaddedBatch.mask_rule`):
+
+* ``"ceil"`` (default, exact): at a feature stride ``s`` an image of ``(h, w)`` pixels covers
+  ``(ceil(h / s), ceil(w / s))`` positions: exact for every stride-2 layer of the usual backbones (``k=1,p=0``,
+  ``k=3,p=1``, ``k=7,p=3``) since ``ceil(ceil(a / b) / c) == ceil(a / (b c))``.
+* ``"nearest"`` (DETR, Deformable DETR, DINO): the pixel mask resized to the map's size by nearest-neighbour
+  interpolation, ``F.interpolate(mask[None].float(), size=(H, W)).bool()[0]`` (row ``i`` of the map reads pixel row
+  ``floor(i * Hp / H)``). It depends on the padded size, not only the image's, and differs from ``ceil`` when ``Hp``
+  or ``Wp`` is not a multiple of the stride (DETR pads to the batch maximum without size divisibility): e.g. a 700 x
+  1100 image in an 803 x 1216 batch has 89 / 45 / 23 / 12 valid rows at strides 8 / 16 / 32 / 64 instead of 88 / 44
+  / 22 / 11. With padded sizes divisible by the largest stride both rules agree. Use it to reproduce those models.
 """
 
 from __future__ import annotations
@@ -17,9 +26,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["PaddedBatch", "padding_mask", "valid_sizes"]
+__all__ = [
+    "MASK_RULES",
+    "PaddedBatch",
+    "nearest_padding_mask",
+    "padding_mask",
+    "pixel_padding_mask",
+    "valid_sizes",
+]
+
+#: the rules that map an image's extent to the padded positions of a feature map (see the module docstring)
+MASK_RULES = ("ceil", "nearest")
 
 
 def valid_sizes(image_sizes: Tensor, stride: int) -> Tensor:
@@ -44,6 +64,18 @@ def padding_mask(image_sizes: Tensor, shape: Sequence[int], stride: int) -> Tens
     return rows[:, :, None] | cols[:, None, :]
 
 
+def pixel_padding_mask(image_sizes: Tensor, padded_size: Sequence[int]) -> Tensor:
+    """``(B, Hp, Wp)`` bool, True at the padded pixels of a batch padded to ``padded_size = (Hp, Wp)``."""
+    return padding_mask(image_sizes, padded_size, 1)
+
+
+def nearest_padding_mask(image_sizes: Tensor, padded_size: Sequence[int], shape: Sequence[int]) -> Tensor:
+    """``(B, H, W)`` bool: the pixel padding mask resized to ``shape = (H, W)`` by nearest-neighbour interpolation,
+    exactly as DETR / Deformable DETR / DINO make the mask of every feature level."""
+    pixels = pixel_padding_mask(image_sizes, padded_size)
+    return F.interpolate(pixels[None].float(), size=(shape[0], shape[1])).to(torch.bool)[0]
+
+
 @dataclass(frozen=True)
 class PaddedBatch:
     """Images zero-padded (bottom/right) into one tensor.
@@ -53,11 +85,18 @@ class PaddedBatch:
         image_sizes: ``(B, 2)`` int64 ``(h, w)`` of each image's valid region, on ``tensor``'s device.
         masked: whether padding masks apply. False: the padding is treated as image content (or nothing is padded);
             :meth:`padding_mask` then returns None and the zeroing helpers return their input.
+        mask_rule: ``"ceil"`` (exact) or ``"nearest"`` (DETR's interpolated pixel mask): which positions of a
+            feature map are padding (see the module docstring).
     """
 
     tensor: Tensor
     image_sizes: Tensor
     masked: bool = True
+    mask_rule: str = "ceil"
+
+    def __post_init__(self) -> None:
+        if self.mask_rule not in MASK_RULES:
+            raise ValueError(f"mask_rule must be one of {MASK_RULES}, got {self.mask_rule!r}")
 
     @classmethod
     def from_images(
@@ -66,8 +105,10 @@ class PaddedBatch:
         size_divisibility: int = 0,
         pad_value: float = 0.0,
         masked: bool = True,
+        mask_rule: str = "ceil",
     ) -> PaddedBatch:
-        """Pad ``(C, H_i, W_i)`` images to a common size (rounded up to ``size_divisibility``).
+        """Pad ``(C, H_i, W_i)`` images to a common size: the largest height and width of the batch, rounded up to
+        ``size_divisibility`` when it is > 1 (DETR / DINO: 1, no rounding; Mask DINO: 32).
 
         ``masked`` is switched off when no image is smaller than the padded size (the masked operations would all
         reduce to the plain ones, at a cost).
@@ -91,11 +132,15 @@ class PaddedBatch:
         tensor = first.new_full((len(images), first.shape[0], hp, wp), pad_value)
         for i, im in enumerate(images):
             tensor[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
-        return cls.from_tensor(tensor, sizes, masked=masked)
+        return cls.from_tensor(tensor, sizes, masked=masked, mask_rule=mask_rule)
 
     @classmethod
     def from_tensor(
-        cls, tensor: Tensor, image_sizes: Sequence[tuple[int, int]] | Tensor, masked: bool = True
+        cls,
+        tensor: Tensor,
+        image_sizes: Sequence[tuple[int, int]] | Tensor,
+        masked: bool = True,
+        mask_rule: str = "ceil",
     ) -> PaddedBatch:
         """Wrap an already padded ``(B, C, Hp, Wp)`` tensor; ``masked`` is switched off when nothing is padded."""
         if isinstance(image_sizes, Tensor):
@@ -107,7 +152,7 @@ class PaddedBatch:
         if masked and not isinstance(image_sizes, Tensor):
             hp, wp = int(tensor.shape[-2]), int(tensor.shape[-1])
             masked = any(int(h) != hp or int(w) != wp for h, w in image_sizes)
-        return cls(tensor, sizes, masked)
+        return cls(tensor, sizes, masked, mask_rule)
 
     @property
     def padded_size(self) -> tuple[int, int]:
@@ -119,20 +164,24 @@ class PaddedBatch:
 
     def with_tensor(self, tensor: Tensor) -> PaddedBatch:
         """The same layout around another ``(B, C', Hp, Wp)`` tensor (e.g. after normalisation)."""
-        return PaddedBatch(tensor, self.image_sizes, self.masked)
+        return PaddedBatch(tensor, self.image_sizes, self.masked, self.mask_rule)
 
     def unmasked(self) -> PaddedBatch:
         """The same batch with padding treated as content."""
-        return PaddedBatch(self.tensor, self.image_sizes, False)
+        return PaddedBatch(self.tensor, self.image_sizes, False, self.mask_rule)
 
     def valid_sizes(self, stride: int) -> Tensor:
-        """``(B, 2)`` int64 valid ``(h, w)`` at ``stride`` (whether or not the batch is masked)."""
+        """``(B, 2)`` int64 valid ``(h, w)`` at ``stride`` by the ``ceil`` rule (whether or not the batch is masked,
+        whatever its ``mask_rule``; :meth:`padding_mask` follows the rule)."""
         return valid_sizes(self.image_sizes, stride)
 
     def padding_mask(self, shape: Sequence[int], stride: int) -> Tensor | None:
-        """``(B, H, W)`` bool, True at padded positions of a map of ``shape`` at ``stride``; None when not masked."""
+        """``(B, H, W)`` bool, True at padded positions of a map of ``shape`` at ``stride`` (by :attr:`mask_rule`;
+        ``"nearest"`` ignores ``stride``); None when not masked."""
         if not self.masked:
             return None
+        if self.mask_rule == "nearest":
+            return nearest_padding_mask(self.image_sizes, self.tensor.shape[-2:], shape)
         return padding_mask(self.image_sizes, shape, stride)
 
     def zero_padding(self, x: Tensor, stride: int, inplace: bool = False) -> Tensor:
@@ -150,6 +199,10 @@ class PaddedBatch:
         map; ``x`` itself when not masked."""
         if not self.masked:
             return x
+        if self.mask_rule == "nearest":
+            pad = nearest_padding_mask(self.image_sizes, self.tensor.shape[-2:], x.shape[-2:])
+            sizes = torch.stack([(~pad[:, :, 0]).sum(1), (~pad[:, 0, :]).sum(1)], -1).clamp(min=1)
+            return replicate_outside(x, sizes)
         return replicate_outside(x, self.valid_sizes(stride))
 
 

@@ -108,6 +108,7 @@ class QuerySelection:
             for the decoder's input and keep the live one for the encoder loss).
         boxes_unsigmoid: ``(B, k, 4)`` ``box_head(content) + proposal`` in logit space (not detached).
         logits: ``(B, k, num_classes)`` class logits of the selected tokens.
+        token_scores: ``(B, S)`` the score of every token that the top-k ranked (``-inf`` at excluded padding).
     """
 
     indices: Tensor
@@ -115,6 +116,7 @@ class QuerySelection:
     content: Tensor
     boxes_unsigmoid: Tensor
     logits: Tensor
+    token_scores: Tensor | None = None
 
 
 def select_queries(
@@ -127,6 +129,7 @@ def select_queries(
     k: int,
     exclude_padding: bool = True,
     base_scale: float = 0.05,
+    indices: Tensor | None = None,
 ) -> QuerySelection:
     """Two-stage query selection (Deformable DETR two-stage, DINO / Mask DINO).
 
@@ -145,6 +148,8 @@ def select_queries(
             that would otherwise make the selection depend on the padding). DINO's reference code does not
             exclude them: pass False to reproduce it.
         base_scale: anchor size at level 0.
+        indices: ``(B, k)`` int64 token indices to use instead of the top ``k`` (e.g. another implementation's
+            selection, to compare what follows it when near-tied scores swap ranks); the scores are still computed.
     """
     memory_masked, proposals = encoder_output_proposals(memory, padding_mask, spatial_shapes, base_scale)
     output_memory = project(memory_masked)
@@ -157,7 +162,18 @@ def select_queries(
     scores = logits_all.max(-1).values  # (B, S)
     if padding_mask is not None and exclude_padding:
         scores = scores.masked_fill(padding_mask, float("-inf"))
-    indices = select_top_k(scores, k)
+    if indices is None:
+        indices = select_top_k(scores, k)
+    elif indices.shape != (scores.shape[0], k) or indices.dtype != torch.long:
+        raise ValueError(
+            f"indices must be int64 of shape {(scores.shape[0], k)}, got {indices.dtype} {tuple(indices.shape)}"
+        )
+    else:
+        indices = indices.to(scores.device)
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= scores.shape[1]):
+            raise ValueError(
+                f"indices must lie in [0, {scores.shape[1]}), got [{int(indices.min())}, {int(indices.max())}]"
+            )
     content = gather_tokens(output_memory, indices)
     return QuerySelection(
         indices=indices,
@@ -165,6 +181,7 @@ def select_queries(
         content=content,
         boxes_unsigmoid=box_head(content) + gather_tokens(proposals, indices),
         logits=gather_tokens(logits_all, indices),
+        token_scores=scores,
     )
 
 
@@ -192,6 +209,7 @@ class QuerySelectionHead(nn.Module):
         class_embed: nn.Module,
         bbox_embed: nn.Module,
         k: int,
+        indices: Tensor | None = None,
     ) -> QuerySelection:
         """See :func:`select_queries`."""
         return select_queries(
@@ -204,4 +222,5 @@ class QuerySelectionHead(nn.Module):
             k,
             exclude_padding=self.exclude_padding,
             base_scale=self.base_scale,
+            indices=indices,
         )

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from detr_core.backbone import ShapeSpec
 from detr_core.encoder import DeformableEncoder, flatten_levels
 from detr_core.layers import xavier_init_deformable_
+from detr_core.neck import InputProjection, masked_group_norm
 from detr_core.padding import PaddedBatch
 from detr_core.position_encoding import PositionEmbeddingSine
 
@@ -48,32 +49,6 @@ __all__ = [
     "c2_xavier_fill",
     "masked_group_norm",
 ]
-
-
-def masked_group_norm(x: Tensor, gn: nn.GroupNorm, pad: Tensor | None) -> Tensor:
-    """GroupNorm whose statistics use only unpadded positions.
-
-    Args:
-        x: ``(B, C, H, W)``. gn: the module holding ``num_groups``, ``eps`` and the affine parameters.
-        pad: ``(B, H, W)`` bool True=padding, or None (plain ``gn(x)``).
-
-    Returns:
-        ``(B, C, H, W)``; values at padded positions are normalised with the same statistics (not zeroed).
-    """
-    if pad is None:
-        return gn(x)
-    x = x.float()  # statistics in float32, also under autocast
-    b, c, h, w = x.shape
-    g = gn.num_groups
-    xg = x.reshape(b, g, c // g, h, w)  # a copy for a channels-last x
-    valid = (~pad).to(x.dtype)[:, None, None]  # (B, 1, 1, H, W)
-    count = valid.sum(dim=(2, 3, 4), keepdim=True).clamp(min=1.0) * (c // g)
-    mean = (xg * valid).sum(dim=(2, 3, 4), keepdim=True) / count
-    var = (((xg - mean) ** 2) * valid).sum(dim=(2, 3, 4), keepdim=True) / count
-    y = ((xg - mean) * torch.rsqrt(var + gn.eps)).view(b, c, h, w)
-    if gn.affine:
-        y = y * gn.weight[None, :, None, None] + gn.bias[None, :, None, None]
-    return y
 
 
 def c2_xavier_fill(conv: nn.Conv2d) -> None:
@@ -204,25 +179,9 @@ class MaskDINOPixelDecoder(nn.Module):
         lowest = max(trans, key=lambda k: shapes[k].stride)
         self.lowest_feature = lowest
 
-        proj = [
-            nn.Sequential(nn.Conv2d(shapes[k].channels, conv_dim, 1), nn.GroupNorm(groups, conv_dim))
-            for k in self.transformer_in_features
-        ]
-        in_ch = shapes[lowest].channels
-        for _ in range(self.num_extra):
-            proj.append(
-                nn.Sequential(
-                    nn.Conv2d(in_ch, conv_dim, kernel_size=3, stride=2, padding=1),
-                    nn.GroupNorm(groups, conv_dim),
-                )
-            )
-            in_ch = conv_dim
-        self.input_proj = nn.ModuleList(proj)
-        for i in range(len(proj)):
-            conv, _ = self._input_proj(i)
-            nn.init.xavier_uniform_(conv.weight, gain=1)
-            if conv.bias is not None:
-                nn.init.zeros_(conv.bias)
+        self.input_proj = InputProjection(
+            [shapes[k] for k in self.transformer_in_features], conv_dim, self.num_extra, groups
+        )
 
         # strides of the encoder levels in their token order
         extra_strides = [shapes[lowest].stride * 2 ** (i + 1) for i in range(self.num_extra)]
@@ -258,7 +217,9 @@ class MaskDINOPixelDecoder(nn.Module):
         )
 
     @classmethod
-    def from_config(cls, input_shape: Mapping[str, ShapeSpec], cfg: PixelDecoderConfig) -> MaskDINOPixelDecoder:
+    def from_config(
+        cls, input_shape: Mapping[str, ShapeSpec], cfg: PixelDecoderConfig
+    ) -> MaskDINOPixelDecoder:
         """Built from a :class:`~maskdino.config.PixelDecoderConfig` (every field has the official default)."""
         return cls(
             input_shape,
@@ -293,35 +254,11 @@ class MaskDINOPixelDecoder(nn.Module):
         # casts its own inputs (a 16-bit value, float32 locations and weights: deform_attn's Autocast kernel).
         return self._forward(features, batch)
 
-    def _input_proj(self, i: int) -> tuple[nn.Conv2d, nn.GroupNorm]:
-        """The (conv, GroupNorm) pair of input projection ``i`` (official ``input_proj.{i}.{0,1}``)."""
-        seq = self.input_proj[i]
-        assert isinstance(seq, nn.Sequential)
-        return cast(nn.Conv2d, seq[0]), cast(nn.GroupNorm, seq[1])
-
     def _forward(self, features: Mapping[str, Tensor], batch: PaddedBatch) -> PixelDecoderOutput:
-        srcs: list[Tensor] = []
-        pads: list[Tensor | None] = []
-        for i, name in enumerate(self.transformer_in_features):
-            x = features[name]
-            pad = batch.padding_mask(x.shape[-2:], self.transformer_strides[i])
-            conv, gn = self._input_proj(i)
-            srcs.append(masked_group_norm(conv(x), gn, pad))
-            pads.append(pad)
-        extra: list[Tensor] = []
-        extra_pads: list[Tensor | None] = []
-        x = features[self.lowest_feature]
-        stride = dict(zip(self.in_features, self.feature_strides))[self.lowest_feature]
-        for j in range(self.num_extra):
-            # zero outside the image so that the strided 3x3 conv sees the same border as an unpadded map
-            x = batch.zero_padding(x, stride)
-            stride *= 2
-            conv, gn = self._input_proj(self.num_inputs + j)
-            y = conv(x)
-            pad = batch.padding_mask(y.shape[-2:], stride)
-            x = masked_group_norm(y, gn, pad)
-            extra.append(x)
-            extra_pads.append(pad)
+        levels = self.input_proj([features[k] for k in self.transformer_in_features], batch)
+        masks = [batch.padding_mask(y.shape[-2:], st) for y, st in zip(levels, self.input_proj.strides)]
+        srcs, extra = levels[: self.num_inputs], levels[self.num_inputs :]
+        pads, extra_pads = masks[: self.num_inputs], masks[self.num_inputs :]
         if self.feature_order == "low2high":
             srcs, pads = srcs + extra, pads + extra_pads
         else:

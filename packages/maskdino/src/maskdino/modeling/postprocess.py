@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from detr_core.postprocess import topk_query_class
+
 from ..structures import Instances, PanopticSegmentation, Prediction
 
 if TYPE_CHECKING:
@@ -120,11 +122,7 @@ def _topk_instances(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k over (query, class) pairs: returns ``(scores (K,), labels (K,), query_idx (K,))``."""
     probs = _class_probs(class_logits, focal)
-    num_classes = probs.shape[1]
-    k = min(int(top_k), probs.numel())
-    scores, flat_idx = probs.flatten().topk(k, sorted=True)
-    labels = flat_idx % num_classes
-    query_idx = torch.div(flat_idx, num_classes, rounding_mode="floor")
+    scores, labels, query_idx = topk_query_class(probs, min(int(top_k), probs.numel()))
     if thing_classes is not None:
         # With panoptic training the official keeps only thing classes among the instances.
         things = torch.as_tensor(sorted(thing_classes), dtype=labels.dtype, device=labels.device)
