@@ -261,6 +261,49 @@ def test_masked_group_norm_uses_valid_positions_only():
     torch.testing.assert_close(masked_group_norm(x, gn, pad)[..., :3, :], gn(x[..., :3, :]))
 
 
+def _masked_group_norm_float64(x, gn, pad):
+    """Per image and group, the statistics of the valid positions, in float64 (the reference)."""
+    x = x.double()
+    b, c = x.shape[:2]
+    g, cg = gn.num_groups, x.shape[1] // gn.num_groups
+    y = torch.empty_like(x)
+    for i in range(b):
+        valid = ~pad[i]
+        for k in range(g):
+            xs = x[i, k * cg : (k + 1) * cg]
+            vals = xs[:, valid]
+            mean, var = vals.mean(), vals.var(unbiased=False)
+            y[i, k * cg : (k + 1) * cg] = (xs - mean) / torch.sqrt(var + gn.eps)
+    if gn.affine:
+        y = y * gn.weight.double()[None, :, None, None] + gn.bias.double()[None, :, None, None]
+    return y
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_group_norm_against_float64_on_any_mask(channels_last, affine, dtype):
+    # any mask (not only a bottom-right padding rectangle), every memory layout and input dtype: float32 output
+    g = torch.Generator().manual_seed(0)
+    gn = nn.GroupNorm(4, 12, affine=affine)
+    if affine:
+        with torch.no_grad():
+            gn.weight.normal_(generator=g)
+            gn.bias.normal_(generator=g)
+    x = (torch.randn(3, 12, 7, 9, generator=g) * 3 + 5).to(dtype)
+    pad = torch.rand(3, 7, 9, generator=g) < 0.4
+    pad[1, :, 5:] = True  # a padding rectangle
+    pad[2] = False  # nothing padded
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = masked_group_norm(x, gn, pad)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    ref = _masked_group_norm_float64(x.float(), gn, pad)
+    torch.testing.assert_close(y.double(), ref, atol=2e-5, rtol=2e-5)
+
+
 # ----------------------------------------------------------------------------- top-k detections
 
 

@@ -41,15 +41,30 @@ def masked_group_norm(x: Tensor, gn: nn.GroupNorm, pad: Tensor | None) -> Tensor
     x = x.float()  # statistics in float32, also under autocast
     b, c, h, w = x.shape
     g = gn.num_groups
-    xg = x.reshape(b, g, c // g, h, w)  # a copy for a channels-last x
-    valid = (~pad).to(x.dtype)[:, None, None]  # (B, 1, 1, H, W)
-    count = valid.sum(dim=(2, 3, 4), keepdim=True).clamp(min=1.0) * (c // g)
-    mean = (xg * valid).sum(dim=(2, 3, 4), keepdim=True) / count
-    var = (((xg - mean) ** 2) * valid).sum(dim=(2, 3, 4), keepdim=True) / count
-    y = ((xg - mean) * torch.rsqrt(var + gn.eps)).view(b, c, h, w)
+    cg = c // g
+    valid = (~pad).to(x.dtype).reshape(b, h * w, 1)  # (B, HW, 1)
+    count = valid.sum(dim=(1, 2)).clamp(min=1.0) * cg  # (B,) values per group
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+    def masked_channel_sums(t: Tensor) -> Tensor:
+        # (B, C): the sum of t over the valid positions as one batched matrix product, in t's own layout (no
+        # copy for channels-last maps); shapes stay symbolic, so tracing and export see no data-dependent size
+        if channels_last:
+            return torch.bmm(valid.transpose(1, 2), t.permute(0, 2, 3, 1).reshape(b, h * w, c)).squeeze(1)
+        return torch.bmm(t.reshape(b, c, h * w), valid).squeeze(2)
+
+    def per_channel(group_sums: Tensor) -> Tensor:  # (B, C) -> (B, C): each channel its group's mean
+        mean_g = group_sums.reshape(b, g, cg).sum(dim=2) / count[:, None]
+        return mean_g.repeat_interleave(cg, dim=1)
+
+    mean = per_channel(masked_channel_sums(x))
+    d = x - mean[:, :, None, None]  # keeps x's memory format
+    var = per_channel(masked_channel_sums(d * d))
+    scale = torch.rsqrt(var + gn.eps)
     if gn.affine:
-        y = y * gn.weight[None, :, None, None] + gn.bias[None, :, None, None]
-    return y
+        scale = scale * gn.weight[None]
+        return torch.addcmul(gn.bias[None, :, None, None], d, scale[:, :, None, None])
+    return d.mul_(scale[:, :, None, None])
 
 
 class InputProjection(nn.ModuleList):
