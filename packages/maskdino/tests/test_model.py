@@ -339,7 +339,9 @@ def test_unpadded_batch_skips_padding_work_with_same_outputs(monkeypatch):
         m.predict([imgs[0], images([(50, 70)], seed=6)[0]])
     assert seen == [False, True]
     for a, b in zip(aware, plain):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        # masked GroupNorm (statistics by matrix products) vs torch's GroupNorm: two float32 summation orders, so
+        # rounding relative to the output's scale, on any CPU path
+        torch.testing.assert_close(a, b, atol=1e-4 * max(1.0, float(b.abs().max())), rtol=0)
     assert len(preds) == 2 and preds[0].instances is not None
 
 
