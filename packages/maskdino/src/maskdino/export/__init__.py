@@ -9,6 +9,6 @@ never needs them.
 """
 
 from .metadata import ExportError, ExportMetadata
-from .onnx import default_size, export_onnx, export_openvino
+from .onnx import default_size, export_onnx, export_openvino, openvino_from_onnx
 
-__all__ = ["ExportError", "ExportMetadata", "default_size", "export_onnx", "export_openvino"]
+__all__ = ["ExportError", "ExportMetadata", "default_size", "export_onnx", "export_openvino", "openvino_from_onnx"]

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..inference.predictor import LoadedModel
 from .metadata import INPUT_NAMES, OUTPUT_NAMES, ExportError, ExportMetadata
 
-__all__ = ["OPSET", "default_size", "export_onnx", "export_openvino"]
+__all__ = ["OPSET", "default_size", "export_onnx", "export_openvino", "openvino_from_onnx"]
 
 #: ONNX opset of the exported graphs (GridSample needs >= 16).
 OPSET = 18
@@ -188,16 +188,36 @@ def export_openvino(
     AVX-512-BF16 / AMX (others fall back to float32), ``fp16`` also stores the weights in float16; ``fp32`` pins
     float32 (OpenVINO would otherwise pick bfloat16 on such CPUs by itself).
     """
-    import openvino as ov
-
     path = Path(path)
     if path.suffix != ".xml":
         raise ExportError(f"{path}: an OpenVINO model is written as .xml (+ .bin)")
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
-        metadata = export_onnx(loaded, onnx_path, height, width, dynamic, "fp32", op_form)
-        metadata.precision = precision
-        ov_model = ov.convert_model(str(onnx_path))
+        export_onnx(loaded, onnx_path, height, width, dynamic, "fp32", op_form)
+        return openvino_from_onnx(onnx_path, path, precision)
+
+
+def openvino_from_onnx(
+    onnx_path: str | os.PathLike, path: str | os.PathLike, precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+) -> ExportMetadata:
+    """Convert a float32 ONNX file written by :func:`export_onnx` to the OpenVINO IR ``path`` (``.xml`` + ``.bin``)
+    with ``precision`` as its inference precision hint (see :func:`export_openvino`)."""
+    import onnx
+    import openvino as ov
+
+    path = Path(path)
+    if path.suffix != ".xml":
+        raise ExportError(f"{path}: an OpenVINO model is written as .xml (+ .bin)")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ExportError(f"--precision {precision}: expected fp32, bf16 or fp16 for OpenVINO")
+    props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    if "maskdino" not in props:
+        raise ExportError(f"{onnx_path} was not exported by maskdino (no maskdino metadata)")
+    metadata = ExportMetadata.from_json(props["maskdino"], str(onnx_path))
+    if metadata.precision != "fp32":
+        raise ExportError(f"{onnx_path} is a {metadata.precision} ONNX model; OpenVINO converts the fp32 one")
+    metadata.precision = precision
+    ov_model = ov.convert_model(str(onnx_path))
     ov_model.set_rt_info(metadata.to_json(), "maskdino")
     path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(ov_model, str(path), compress_to_fp16=precision == "fp16")
