@@ -57,7 +57,9 @@ def cpu_info() -> dict[str, object]:
     info: dict[str, object] = {"model": "unknown", "flags": []}
     try:
         text = Path("/proc/cpuinfo").read_text()
-        info["model"] = next(ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name"))
+        info["model"] = next(
+            ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")
+        )
         flags = next(ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags"))
         wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
                   "amx_bf16", "amx_tile", "f16c")  # fmt: skip
@@ -127,7 +129,9 @@ class StageTimer:
         maskdino_post.postprocess_image = self._orig_post
 
 
-def one_run(model, image: torch.Tensor, precision: str, sync: Callable[[], None], timer: StageTimer) -> dict[str, float]:
+def one_run(
+    model, image: torch.Tensor, precision: str, sync: Callable[[], None], timer: StageTimer
+) -> dict[str, float]:
     timer.reset()
     sync()
     t0 = time.perf_counter()
@@ -196,7 +200,13 @@ def accuracy_cost(model, image: torch.Tensor, precision: str) -> dict[str, float
 
 
 def print_table(results: dict[str, dict[str, object]], base: str) -> None:
-    print("| configuration | median s (min) | " + " | ".join((*STAGES, "other")) + " | speed-up vs " + base + " |")
+    print(
+        "| configuration | median s (min) | "
+        + " | ".join((*STAGES, "other"))
+        + " | speed-up vs "
+        + base
+        + " |"
+    )
     print("|" + "---|" * (len(STAGES) + 4))
     for c, r in results.items():
         stages = r["stages"]
@@ -215,6 +225,12 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16")
     parser.add_argument("--preset", default="coco-instance-r50-3s-d1-2048")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--padding-mode",
+        choices=("aware", "official"),
+        default=None,
+        help="the model's padding_mode (default: the preset's, 'aware'; converted official checkpoints run 'official')",
+    )
     parser.add_argument("--reference-op", action="store_true", help="also fp32 with the pure-PyTorch op")
     parser.add_argument("--no-cpu", action="store_true", help="only the CUDA measurements")
     parser.add_argument("--json", help="write the results here")
@@ -232,17 +248,29 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    model_cfg = get_preset(args.preset)
+    if args.padding_mode:
+        model_cfg.padding_mode = args.padding_mode
     torch.manual_seed(0)
-    model = build_model(get_preset(args.preset)).eval()
+    model = build_model(model_cfg).eval()
     h, w = args.size
     image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(0)) * 255.0
     info = cpu_info()
-    print(f"preset {args.preset}: {sum(p.numel() for p in model.parameters()):,} parameters")
+    print(
+        f"preset {args.preset} (padding_mode={model_cfg.padding_mode}): "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters"
+    )
     print(f"{deform_attn.build_info()}; {torch.get_num_threads()} CPU threads; malloc: {malloc}")
     print(f"CPU: {info['model']}; flags {' '.join(info['flags'])}; native bf16: {native_bf16()}")  # type: ignore[arg-type]
     print(f"image {h}x{w}, batch 1, median of {args.repeat} alternating round(s) after 1 warm-up; seconds")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    report: dict[str, object] = {"cpu": info, "image": [h, w], "preset": args.preset, "malloc": malloc}
+    report: dict[str, object] = {
+        "cpu": info,
+        "image": [h, w],
+        "preset": args.preset,
+        "padding_mode": model_cfg.padding_mode,
+        "malloc": malloc,
+    }
     if not args.no_cpu:
         configs = precisions + (["reference"] if args.reference_op else [])
         results = timed(model, image, configs, args.repeat, lambda: None)
