@@ -69,7 +69,8 @@ def _sources_digest() -> str:
     for pkg in PACKAGES:
         for path in sorted((ROOT / pkg).glob("**/*")):
             if path.is_file() and (
-                path.name in ("pyproject.toml", "setup.py") or path.suffix in (".cpp", ".cu", ".h", ".cuh", ".c", ".inc")
+                path.name in ("pyproject.toml", "setup.py")
+                or path.suffix in (".cpp", ".cu", ".h", ".cuh", ".c", ".inc")
             ):
                 h.update(str(path.relative_to(ROOT)).encode())
                 h.update(path.read_bytes())
@@ -145,13 +146,17 @@ def tests(session: nox.Session) -> None:
     if session.posargs:
         return
     for capability, isa, threads in _forced_paths():
-        session.log(f"again with ATEN_CPU_CAPABILITY={capability}, DEFORM_ATTN_CPU_ISA={isa}, {threads} thread(s)")
+        session.log(
+            f"again with ATEN_CPU_CAPABILITY={capability}, DEFORM_ATTN_CPU_ISA={isa}, {threads} thread(s)"
+        )
         with tempfile.TemporaryDirectory() as cache:
             forced = dict(env, ATEN_CPU_CAPABILITY=capability, DEFORM_ATTN_CPU_ISA=isa, OMP_NUM_THREADS=str(threads),
                           TORCHINDUCTOR_CACHE_DIR=cache)  # fmt: skip
             workers = "2" if threads == 1 else "1"
             _run(session, forced, "-c", "import deform_attn; print(deform_attn.build_info())")
-            _run(session, forced, "-m", "pytest", "-n", workers, "--dist", "loadfile", "-q", *FORCED_PATH_TESTS)
+            _run(
+                session, forced, "-m", "pytest", "-n", workers, "--dist", "loadfile", "-q", *FORCED_PATH_TESTS
+            )
 
 
 @nox.session

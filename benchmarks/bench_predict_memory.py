@@ -38,7 +38,9 @@ def _child(width: int, height: int, threshold: float, late: bool, preset: str) -
     g = torch.Generator().manual_seed(1)
     # a smooth random photo (cheap to make at 24 MP): low-resolution noise upsampled
     small = torch.rand(1, 3, max(1, height // 64), max(1, width // 64), generator=g)
-    image = (torch.nn.functional.interpolate(small, size=(height, width), mode="bilinear")[0] * 255).to(torch.uint8)
+    image = (torch.nn.functional.interpolate(small, size=(height, width), mode="bilinear")[0] * 255).to(
+        torch.uint8
+    )
     del small
     t0 = time.perf_counter()
     if late:
@@ -69,7 +71,9 @@ def main() -> None:
         return
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     rows = []
@@ -92,7 +96,9 @@ def main() -> None:
         rows.append({"width": w, "height": h, "threshold_first": res["0"], "all_masks_first": res["1"]})
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": cpu, "preset": args.preset, "threshold": args.threshold, "rows": rows}, f, indent=1)
+            json.dump(
+                {"cpu": cpu, "preset": args.preset, "threshold": args.threshold, "rows": rows}, f, indent=1
+            )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ def _targets(batch: int, size: int, num_classes: int, gen):
         masks = torch.zeros(n, size, size, dtype=torch.bool)
         for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
             masks[i, y0:y1, x0:x1] = True
-        out.append({"labels": torch.randint(0, num_classes, (n,), generator=gen), "boxes": boxes, "masks": masks})
+        out.append(
+            {"labels": torch.randint(0, num_classes, (n,), generator=gen), "boxes": boxes, "masks": masks}
+        )
     return out
 
 
@@ -70,7 +72,10 @@ def child(spec: dict) -> dict:
     amp = bool(spec.get("amp")) and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     gen = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, spec["size"], spec["size"], generator=gen).to(device) * 255 for _ in range(spec["batch"])]
+    images = [
+        torch.rand(3, spec["size"], spec["size"], generator=gen).to(device) * 255
+        for _ in range(spec["batch"])
+    ]
     targets = [{k: v.to(device) for k, v in t.items()} for t in _targets(spec["batch"], spec["size"],
                                                                          exp.model.num_classes, gen)]  # fmt: skip
 
@@ -125,7 +130,9 @@ def main() -> None:
 
     threads = args.threads or torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} CPU threads, CUDA: {torch.cuda.is_available()}")
-    print(f"{'configuration':26s} {'op':10s} {'it/s':>8s} {'s/it':>8s} {'peak RSS MiB':>13s} {'peak CUDA MiB':>14s}")
+    print(
+        f"{'configuration':26s} {'op':10s} {'it/s':>8s} {'s/it':>8s} {'peak RSS MiB':>13s} {'peak CUDA MiB':>14s}"
+    )
     for spec in CONFIGS[:1] if args.quick else CONFIGS:
         if spec["device"] == "cuda" and not torch.cuda.is_available():
             print(f"{spec['name']:26s} skipped (no CUDA device)")
@@ -136,7 +143,9 @@ def main() -> None:
             results[reference] = r
             cuda_mem = f"{r['peak_cuda_mib']:14.0f}" if "peak_cuda_mib" in r else f"{'-':>14s}"
             op = "reference" if reference else "default"
-            print(f"{spec['name']:26s} {op:10s} {r['it_per_s']:8.3f} {r['s_per_it']:8.3f} {r['peak_rss_mib']:13.0f} {cuda_mem}")
+            print(
+                f"{spec['name']:26s} {op:10s} {r['it_per_s']:8.3f} {r['s_per_it']:8.3f} {r['peak_rss_mib']:13.0f} {cuda_mem}"
+            )
         ratio = results[False]["it_per_s"] / results[True]["it_per_s"]
         print(f"{spec['name']:26s} speed-up of the default op over the pure-PyTorch reference: {ratio:.2f}x")
 

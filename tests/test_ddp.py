@@ -29,7 +29,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not available"
+)
 
 
 def _free_port() -> int:
@@ -104,7 +106,9 @@ def _worker(rank: int, world: int, port: int, data_root: str, out: str) -> None:
 
     def save_first_gradients(optimizer, args, kwargs):
         if "grads" not in record:
-            record["grads"] = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+            record["grads"] = {
+                n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None
+            }
 
     trainer.optimizer.register_step_pre_hook(save_first_gradients)
     trainer.run()
@@ -139,12 +143,19 @@ def test_ddp_two_cpu_ranks_match_single_process(tmp_path):
         # rank r's call i holds the images of rank r: concatenate them in rank order, as the single process sees them
         return [sum((calls[i] for calls in step_of_each_rank), []) for i in range(len(step_of_each_rank[0]))]
 
-    ddp_losses, single_losses = _losses(tmp_path / "ddp" / "metrics.jsonl"), _losses(tmp_path / "single" / "metrics.jsonl")
+    ddp_losses, single_losses = (
+        _losses(tmp_path / "ddp" / "metrics.jsonl"),
+        _losses(tmp_path / "single" / "metrics.jsonl"),
+    )
     assert len(ddp_losses) == len(single_losses) == 3
-    same_matches = [global_matches([r0["matches"][it], r1["matches"][it]]) == rs["matches"][it] for it in range(3)]
+    same_matches = [
+        global_matches([r0["matches"][it], r1["matches"][it]]) == rs["matches"][it] for it in range(3)
+    ]
     if not same_matches[0]:
         # batch-of-1 and batch-of-2 forwards differ by rounding; a near-tied assignment can flip even at iteration 1
-        pytest.skip("a near-tied Hungarian match flipped at iteration 1 on this CPU; the ranks agree bit for bit")
+        pytest.skip(
+            "a near-tied Hungarian match flipped at iteration 1 on this CPU; the ranks agree bit for bit"
+        )
 
     # 2. iteration 1: the loss and the averaged gradients equal the single process's up to float32 rounding
     assert ddp_losses[0] == pytest.approx(single_losses[0], rel=1e-5)
@@ -153,7 +164,9 @@ def test_ddp_two_cpu_ranks_match_single_process(tmp_path):
         scale = float(g.abs().max())
         # a sum of N float32 terms in another order differs by ~N * 2^-24 of the magnitude: 1e-4 of the largest
         # entry is far above that and far below any real error (a factor of 2 from a wrong normalisation)
-        torch.testing.assert_close(r0["grads"][k], g, rtol=0, atol=1e-4 * scale + 1e-12, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(
+            r0["grads"][k], g, rtol=0, atol=1e-4 * scale + 1e-12, msg=lambda m, k=k: f"{k}: {m}"
+        )
 
     # 3. later iterations: the same matches give the same losses (rounding only); a flipped match ends the comparison
     for it in range(1, 3):
@@ -163,7 +176,9 @@ def test_ddp_two_cpu_ranks_match_single_process(tmp_path):
 
     # the comparison is not trivial: training moved the weights far more than the rounding
     w_init = torch.load(tmp_path / "ddp" / "weights_init.pt", weights_only=True)
-    change = max(float((w0[k].float() - w_init[k].float()).abs().max()) for k in w0 if w0[k].is_floating_point())
+    change = max(
+        float((w0[k].float() - w_init[k].float()).abs().max()) for k in w0 if w0[k].is_floating_point()
+    )
     assert change > 1e-4
     # only rank 0 wrote logs and checkpoints
     assert (tmp_path / "ddp" / "model_final.pth").is_file()

@@ -25,14 +25,23 @@ def test_train_eval_predict_tiny(tmp_path, capsys):
     root, out = tmp_path / "data", tmp_path / "run"
     assert main(["train", "--config", "tiny", "--opts", *_opts(root, out)]) == 0
     # files a user expects after training
-    for name in ("config.yaml", "metadata.json", "metrics.jsonl", "model_final.pth", "last_checkpoint", "eval/metrics.json"):
+    for name in (
+        "config.yaml",
+        "metadata.json",
+        "metrics.jsonl",
+        "model_final.pth",
+        "last_checkpoint",
+        "eval/metrics.json",
+    ):
         assert (out / name).is_file(), name
     assert (out / "tensorboard").is_dir()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "total_loss" in r]
     assert [r["iteration"] for r in train_rows] == [1, 2, 3]
     for r in train_rows:
-        assert r["total_loss"] > 0 and r["lr"] > 0 and "loss_mask" in r and "loss_dice" in r and "loss_ce" in r
+        assert (
+            r["total_loss"] > 0 and r["lr"] > 0 and "loss_mask" in r and "loss_dice" in r and "loss_ce" in r
+        )
     eval_rows = [r for r in rows if "eval/segm/AP" in r]
     assert len(eval_rows) == 1 and eval_rows[0]["iteration"] == 3
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
@@ -49,7 +58,9 @@ def test_train_eval_predict_tiny(tmp_path, capsys):
         assert again[key] == (None if metrics[key] is None else pytest.approx(metrics[key]))
 
     # resume continues from the last checkpoint (nothing left to do: max_iter reached)
-    assert main(["train", "--config", "tiny", "--resume", "--opts", *_opts(root, out), "train.max_iter=4"]) == 0
+    assert (
+        main(["train", "--config", "tiny", "--resume", "--opts", *_opts(root, out), "train.max_iter=4"]) == 0
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "total_loss" in r] == [1, 2, 3, 4]
 

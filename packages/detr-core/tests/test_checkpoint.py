@@ -127,7 +127,11 @@ def test_unreadable_files_name_the_file_and_the_reason(tmp_path):
     trunc.write_bytes(good.read_bytes()[:700])
     empty = tmp_path / "empty.safetensors"
     empty.write_bytes(b"")
-    for path, words in ((rand, "not a PyTorch"), (trunc, "truncated or corrupt"), (empty, "not a valid checkpoint")):
+    for path, words in (
+        (rand, "not a PyTorch"),
+        (trunc, "truncated or corrupt"),
+        (empty, "not a valid checkpoint"),
+    ):
         with pytest.raises(CheckpointError, match=words) as err:
             load_state_dict_file(path)
         assert str(path) in str(err.value) and "weights_only" not in str(err.value)
@@ -146,14 +150,18 @@ def test_argparse_namespace_in_a_checkpoint_is_allowed(tmp_path):
     import argparse
 
     path = tmp_path / "dino.pth"
-    torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=1e-4, backbone="resnet50")}, path)
+    torch.save(
+        {"model": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=1e-4, backbone="resnet50")}, path
+    )
     assert torch.equal(load_state_dict_file(path)["w"], torch.ones(2))
 
 
 def test_check_finite_names_the_first_bad_tensor():
     check_finite({"a": torch.ones(3), "i": torch.arange(3)})
     with pytest.raises(CheckpointError, match=r"'b\.weight'.*2 non-finite"):
-        check_finite({"a": torch.ones(3), "b.weight": torch.tensor([1.0, float("nan"), float("inf")])}, "x.pth")
+        check_finite(
+            {"a": torch.ones(3), "b.weight": torch.tensor([1.0, float("nan"), float("inf")])}, "x.pth"
+        )
 
 
 def test_key_map_rules_drop_rename_and_check_tied_copies():

@@ -263,7 +263,10 @@ def test_point_mask_loss_matches_manual_sampling():
     loss["loss_mask"].backward()
     assert pred.grad[0, 1].abs().sum() == 0 and pred.grad[0, 2].abs().sum() > 0
     empty = PointMaskLoss(num_points=8)(
-        P(logits=torch.zeros(2, 4, 1), masks=pred), targets, [(torch.zeros(0, dtype=torch.long),) * 2] * 2, 1.0
+        P(logits=torch.zeros(2, 4, 1), masks=pred),
+        targets,
+        [(torch.zeros(0, dtype=torch.long),) * 2] * 2,
+        1.0,
     )
     assert empty["loss_mask"].item() == 0.0
 

@@ -24,7 +24,9 @@ def skip_if_aten_capability_forced_on_amx():
     """Skip a bfloat16 test when ``ATEN_CPU_CAPABILITY`` forces PyTorch's kernels below this AMX CPU (a test
     setting, see :func:`aten_capability_forced_below_hardware`)."""
     if aten_capability_forced_below_hardware():
-        pytest.skip("ATEN_CPU_CAPABILITY is forced below this AMX CPU: PyTorch's bf16 attention kernel then fails")
+        pytest.skip(
+            "ATEN_CPU_CAPABILITY is forced below this AMX CPU: PyTorch's bf16 attention kernel then fails"
+        )
 
 
 def aten_capability_forced_below_hardware() -> bool:

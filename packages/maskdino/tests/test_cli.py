@@ -57,7 +57,9 @@ def test_synth_writes_loadable_coco(synth):
 
 
 def test_python_dash_m_entry_point(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "maskdino", "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "maskdino", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and "demo" in out.stdout and "predict" in out.stdout
 
 

@@ -91,7 +91,10 @@ def test_get_preset_returns_copies():
         ({"decoder": 3}, "decoder: expected a mapping, got int"),
         ([1], "<root>: expected a mapping, got list"),
         ({"loss": {"train_num_points": 1.5}}, "loss.train_num_points: expected an integer, got 1.5"),
-        ({"inference": {"thing_classes": [0, True]}}, r"inference.thing_classes\[1\]: expected an integer, got True"),
+        (
+            {"inference": {"thing_classes": [0, True]}},
+            r"inference.thing_classes\[1\]: expected an integer, got True",
+        ),
         ({"pixel_std": "1,2,3"}, "pixel_std: expected a list, got '1,2,3'"),
         ({"backbone": {"name": None}}, "backbone.name: None is not allowed"),
     ],

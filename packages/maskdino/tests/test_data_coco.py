@@ -108,10 +108,22 @@ def test_loader_polygon_rle_crowd_and_empty(tmp_path):
     "mutate, message",
     [
         (lambda d: d["annotations"][1].pop("bbox"), "annotation id 11: missing 'bbox'"),
-        (lambda d: d["annotations"][0].__setitem__("category_id", 99), "annotation id 10: unknown category id 99"),
-        (lambda d: d["annotations"][0].__setitem__("image_id", 42), "annotation id 10: refers to unknown image id 42"),
-        (lambda d: d["annotations"][3].__setitem__("bbox", [1, 2, -3, 4]), "annotation id 13: invalid 'bbox'"),
-        (lambda d: d["annotations"][0].__setitem__("segmentation", "oops"), "annotation id 10: unsupported segmentation"),
+        (
+            lambda d: d["annotations"][0].__setitem__("category_id", 99),
+            "annotation id 10: unknown category id 99",
+        ),
+        (
+            lambda d: d["annotations"][0].__setitem__("image_id", 42),
+            "annotation id 10: refers to unknown image id 42",
+        ),
+        (
+            lambda d: d["annotations"][3].__setitem__("bbox", [1, 2, -3, 4]),
+            "annotation id 13: invalid 'bbox'",
+        ),
+        (
+            lambda d: d["annotations"][0].__setitem__("segmentation", "oops"),
+            "annotation id 10: unsupported segmentation",
+        ),
         (lambda d: d.pop("categories"), "missing top-level key 'categories'"),
     ],
 )
@@ -168,7 +180,9 @@ def test_read_image_modes_exif_cmyk_palette(tmp_path):
     # CMYK JPEG -> RGB
     Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
     img = read_image(tmp_path / "cmyk.jpg")
-    assert img.shape == (3, 10, 20) and img[0, :, :5].float().mean() > 200 and img[2, :, :5].float().mean() < 60
+    assert (
+        img.shape == (3, 10, 20) and img[0, :, :5].float().mean() > 200 and img[2, :, :5].float().mean() < 60
+    )
     # palette and RGBA PNGs
     Image.fromarray(rgb).convert("P").save(tmp_path / "p.png")
     Image.fromarray(rgb).convert("RGBA").save(tmp_path / "rgba.png")
@@ -202,7 +216,10 @@ def test_real_coco_instances_rle_match_panoptic_png():
         by_key = {(tuple(seg["bbox"]), seg["area"]): seg for seg in ann["segments_info"]}
         non_crowd = [a for a in rec["annotations"] if a["iscrowd"] == 0]
         assert len(non_crowd) == len(s["instances"]["labels"])
-        raw = {a["id"]: a for a in json.loads((root / "panoptic_coco_detection_format.json").read_text())["annotations"]}
+        raw = {
+            a["id"]: a
+            for a in json.loads((root / "panoptic_coco_detection_format.json").read_text())["annotations"]
+        }
         for k, a in enumerate(non_crowd):
             src = raw[a["id"]]
             seg = by_key[(tuple(src["bbox"]), src["area"])]

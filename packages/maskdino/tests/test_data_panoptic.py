@@ -68,7 +68,9 @@ def test_panoptic_malformed(tmp_path):
     data = json.loads(path.read_text())
     data["annotations"][0]["segments_info"][1]["category_id"] = 8
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"pan.json: annotation of image id 4: segment id 70001: unknown category id 8"):
+    with pytest.raises(
+        ValueError, match=r"pan.json: annotation of image id 4: segment id 70001: unknown category id 8"
+    ):
         load_coco_panoptic(path, tmp_path / "pan", tmp_path / "img")
     data["annotations"][0]["segments_info"][1]["category_id"] = 1
     data["annotations"][0]["segments_info"].append({"id": 424242, "category_id": 1})
@@ -83,7 +85,9 @@ def test_real_panoptic_sample_masks_and_semantic_vs_2ch_format():
     2-channel PNGs (channel 0 = category id, 0 = void)."""
     if not SAMPLE.is_dir():
         pytest.skip(f"real COCO sample not found at {SAMPLE} (shared/data is not part of a user's clone)")
-    recs, meta = load_coco_panoptic(SAMPLE / "panoptic_examples.json", SAMPLE / "panoptic_examples", SAMPLE / "input_images")
+    recs, meta = load_coco_panoptic(
+        SAMPLE / "panoptic_examples.json", SAMPLE / "panoptic_examples", SAMPLE / "input_images"
+    )
     ds = PanopticDataset(recs, meta)
     for i, rec in enumerate(recs):
         s = ds[i]
@@ -91,7 +95,9 @@ def test_real_panoptic_sample_masks_and_semantic_vs_2ch_format():
         assert len(s["instances"]["labels"]) == n_noncrowd
         masks = s["instances"]["masks"]
         assert masks.sum(0).max() <= 1  # segments do not overlap
-        two = np.asarray(Image.open(SAMPLE / "panoptic_examples_2ch_format" / Path(rec["pan_seg_file_name"]).name))
+        two = np.asarray(
+            Image.open(SAMPLE / "panoptic_examples_2ch_format" / Path(rec["pan_seg_file_name"]).name)
+        )
         cat = two[..., 0].astype(np.int64)
         lut = np.full(256, 255, np.int64)
         for k, cid in enumerate(meta.dataset_ids):
@@ -115,7 +121,11 @@ def test_ade_mapping_and_loader(tmp_path):
     Image.fromarray(label).save(tmp_path / "labels" / "a.png")
     recs, meta = load_sem_seg(tmp_path / "images", tmp_path / "labels", num_classes=5)
     s = SemanticDataset(recs, meta)[0]
-    assert s["sem_seg"][:4].eq(1).all() and s["sem_seg"][4:, :3].eq(4).all() and s["sem_seg"][4:, 3:].eq(255).all()
+    assert (
+        s["sem_seg"][:4].eq(1).all()
+        and s["sem_seg"][4:, :3].eq(4).all()
+        and s["sem_seg"][4:, 3:].eq(255).all()
+    )
     assert s["instances"]["labels"].tolist() == [1, 4]  # one target per class present
     assert s["instances"]["boxes"].tolist() == [[0, 0, 6, 4], [0, 4, 3, 8]]
     Image.fromarray(np.full((8, 6), 9, np.uint8)).save(tmp_path / "labels" / "a.png")

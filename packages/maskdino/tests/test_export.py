@@ -29,7 +29,9 @@ def model_and_input():
     torch.manual_seed(0)
     m = build_model(cfg).eval()
     g = torch.Generator().manual_seed(1)
-    padded = m.preprocess([torch.rand(3, 64, 64, generator=g) * 255, torch.rand(3, 50, 60, generator=g) * 255])
+    padded = m.preprocess(
+        [torch.rand(3, 64, 64, generator=g) * 255, torch.rand(3, 50, 60, generator=g) * 255]
+    )
     return m, padded.tensor, padded.image_sizes
 
 
@@ -68,10 +70,15 @@ def test_torch_export_with_dynamic_height_and_width(model_and_input):
     h32, w32 = torch.export.Dim("h32", min=2, max=64), torch.export.Dim("w32", min=2, max=64)
     with torch.no_grad():
         ep = torch.export.export(
-            InferenceGraph(m), (batch, sizes), dynamic_shapes={"batch": {2: 32 * h32, 3: 32 * w32}, "image_sizes": {}}
+            InferenceGraph(m),
+            (batch, sizes),
+            dynamic_shapes={"batch": {2: 32 * h32, 3: 32 * w32}, "image_sizes": {}},
         )
         g = torch.Generator().manual_seed(2)
-        for shape, other_sizes in (((2, 3, 96, 64), [[96, 64], [70, 50]]), ((2, 3, 64, 128), [[64, 100], [33, 128]])):
+        for shape, other_sizes in (
+            ((2, 3, 96, 64), [[96, 64], [70, 50]]),
+            ((2, 3, 64, 128), [[64, 100], [33, 128]]),
+        ):
             x = torch.randn(*shape, generator=g)
             s = torch.tensor(other_sizes)
             for a, b in zip(ep.module()(x, s), m.inference_forward(x, s)):

@@ -31,7 +31,9 @@ from maskdino.inference.predictor import ImagePredictor, load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PHOTOS = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "coco-panoptic-sample" / "input_images"
+PHOTOS = (
+    Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "coco-panoptic-sample" / "input_images"
+)
 #: raw outputs: float32 in another operation order (GridSample / Gather vs our kernel, other GEMM blocking)
 ATOL = 1e-4
 
@@ -136,7 +138,9 @@ def test_final_predictions_match_pytorch(loaded, exported, name, backend):
         torch.testing.assert_close(ib.scores, ia.scores, atol=1e-4, rtol=0)
         assert bool((box_iou(ia.boxes, ib.boxes).diagonal() >= 0.999).all())
         assert bool((_mask_iou(ia.masks, ib.masks) >= 0.99).all())
-        assert [s["category_id"] for s in a.panoptic.segments_info] == [s["category_id"] for s in b.panoptic.segments_info]
+        assert [s["category_id"] for s in a.panoptic.segments_info] == [
+            s["category_id"] for s in b.panoptic.segments_info
+        ]
         assert float((a.panoptic.segments != b.panoptic.segments).float().mean()) <= 1e-3
         assert float((a.semantic.argmax(0) != b.semantic.argmax(0)).float().mean()) <= 1e-3
 
@@ -154,7 +158,22 @@ def test_cli_export_and_predict_with_each_backend(weights, exported, tmp_path):
     results = {}
     for backend, args in runs.items():
         dest = tmp_path / backend
-        assert main(["predict", str(photo), "--backend", backend, *args, "--out", str(dest), "--score-threshold", "0.05"]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    str(photo),
+                    "--backend",
+                    backend,
+                    *args,
+                    "--out",
+                    str(dest),
+                    "--score-threshold",
+                    "0.05",
+                ]
+            )
+            == 0
+        )
         results[backend] = json.loads((dest / "predictions.json").read_text())
         assert (dest / "p.png").is_file()
     for backend in ("onnxruntime", "openvino"):
@@ -189,5 +208,19 @@ def test_bad_inputs_are_named(loaded, weights, exported, tmp_path, capsys):
     assert main(["export", "--weights", str(weights), "--format", "onnx", "--output", str(tmp_path / "y.onnx"),
                  "--height", "90", "--width", "160"]) == 2  # fmt: skip
     assert "size_divisibility" in capsys.readouterr().err
-    assert main(["predict", str(tmp_path), "--backend", "onnxruntime", "--weights", str(weights), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path),
+                "--backend",
+                "onnxruntime",
+                "--weights",
+                str(weights),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "--backend onnxruntime runs --model" in capsys.readouterr().err

@@ -124,7 +124,9 @@ def test_raw_output_shapes_train_and_eval():
         out = m.network(batch)
     assert out.final.logits.shape == (2, q, c)
     assert out.final.masks.shape == (2, q, 16, 24)
-    assert out.final.boxes.shape == (2, q, 4) and (out.final.boxes >= 0).all() and (out.final.boxes <= 1).all()
+    assert (
+        out.final.boxes.shape == (2, q, 4) and (out.final.boxes >= 0).all() and (out.final.boxes <= 1).all()
+    )
     assert len(out.aux) == 3  # initial prediction + decoder layers 0, 1
     assert all(a.masks is None for a in out.aux)  # not computed in eval mode
     assert out.interm.logits.shape == (2, q, c)
@@ -205,7 +207,9 @@ def test_denoising_off_and_does_not_leak_into_matching_queries():
     assert without.denoising is None and with_dn.denoising is not None
     # the attention mask hides DN queries from the matching queries: identical matching outputs
     for key in ("logits", "boxes", "masks"):
-        torch.testing.assert_close(getattr(with_dn.final, key), getattr(without.final, key), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            getattr(with_dn.final, key), getattr(without.final, key), atol=1e-4, rtol=1e-4
+        )
         for a, b in zip(with_dn.aux, without.aux):
             torch.testing.assert_close(getattr(a, key), getattr(b, key), atol=1e-4, rtol=1e-4)
 
@@ -292,7 +296,9 @@ def test_padding_invariance_swin_backbone_runs_each_image_at_its_own_size(monkey
     small, big, big2 = images([(70, 90), (100, 128), (128, 100)], seed=4)
     calls = []
     real_forward = m.backbone.forward
-    monkeypatch.setattr(m.backbone, "forward", lambda x: calls.append(tuple(x.tensor.shape)) or real_forward(x))
+    monkeypatch.setattr(
+        m.backbone, "forward", lambda x: calls.append(tuple(x.tensor.shape)) or real_forward(x)
+    )
     with torch.no_grad():
         ba, bb = m.preprocess([small]), m.preprocess([small, big, big2])
         la, ma, xa = m.inference_forward(ba.tensor, ba.image_sizes)

@@ -64,8 +64,12 @@ def test_mask_to_box_conversions():
     masks[3] = False
     masks[3, 4, 7] = True
     rows, cols = masks.any(2), masks.any(1)
-    torch.testing.assert_close(mask_boxes(rows, cols, "bitmask"), _loop_boxes(masks, True, [0.0, 0.0, 0.0, 0.0]))
-    torch.testing.assert_close(mask_boxes(rows, cols, "mask2box"), _loop_boxes(masks, False, [1e8, 1e8, 0.0, 0.0]))
+    torch.testing.assert_close(
+        mask_boxes(rows, cols, "bitmask"), _loop_boxes(masks, True, [0.0, 0.0, 0.0, 0.0])
+    )
+    torch.testing.assert_close(
+        mask_boxes(rows, cols, "mask2box"), _loop_boxes(masks, False, [1e8, 1e8, 0.0, 0.0])
+    )
 
 
 @settings(max_examples=30, deadline=None)

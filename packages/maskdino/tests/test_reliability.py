@@ -82,7 +82,9 @@ def test_predict_expands_a_folder_and_names_a_missing_file(weights, tmp_path, ca
     (folder / "notes.txt").write_text("not an image")
     assert main(["predict", str(folder), "--weights", str(weights), "--out", str(tmp_path / "o")]) == 0
     assert sorted(p.name for p in (tmp_path / "o").glob("*.png")) == ["x.png", "y.png"]
-    code = main(["predict", str(tmp_path / "nope.jpg"), "--weights", str(weights), "--out", str(tmp_path / "o2")])
+    code = main(
+        ["predict", str(tmp_path / "nope.jpg"), "--weights", str(weights), "--out", str(tmp_path / "o2")]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "image not found" in err and "Traceback" not in err
     empty = tmp_path / "empty"
@@ -145,7 +147,12 @@ def test_non_finite_weights_are_an_error_naming_the_tensor(weights, tmp_path, ca
     save_weights(path, sd, config=read_weights(weights).config)
     with pytest.raises(CheckpointError, match=r"'predictor\.class_embed\.weight'.*non-finite"):
         read_weights(path)
-    assert main(["predict", str(_photo(tmp_path / "p.jpg")), "--weights", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            ["predict", str(_photo(tmp_path / "p.jpg")), "--weights", str(path), "--out", str(tmp_path / "o")]
+        )
+        == 2
+    )
     assert key in capsys.readouterr().err
 
 
@@ -172,7 +179,9 @@ def test_huge_image_is_a_clear_error_and_instance_masks_are_thresholded_before_p
 
 
 def test_scientific_notation_inf_and_nan_in_overrides_and_files(tmp_path):
-    cfg = apply_overrides(get_experiment("tiny"), ["solver.base_lr=2e-4", "solver.warmup_factor=1", "train.time_budget_s=inf"])
+    cfg = apply_overrides(
+        get_experiment("tiny"), ["solver.base_lr=2e-4", "solver.warmup_factor=1", "train.time_budget_s=inf"]
+    )
     assert cfg.solver.base_lr == 2e-4 and isinstance(cfg.solver.warmup_factor, float)
     assert cfg.train.time_budget_s == math.inf
     path = tmp_path / "exp.yaml"
@@ -249,9 +258,16 @@ def test_diverging_training_stops_with_the_iteration_and_keeps_the_last_finite_c
     out = tmp_path / "run"
     cfg = _tiny_experiment(
         tmp_path / "data",
-        **{"train.output_dir": str(out), "train.max_iter": "30", "train.checkpoint_period": "1",
-           "train.keep_checkpoints": "0", "solver.base_lr": "10", "solver.clip_value": "0", "solver.warmup_iters": "0",
-           "solver.optimizer": "sgd"},  # fmt: skip
+        **{
+            "train.output_dir": str(out),
+            "train.max_iter": "30",
+            "train.checkpoint_period": "1",
+            "train.keep_checkpoints": "0",
+            "solver.base_lr": "10",
+            "solver.clip_value": "0",
+            "solver.warmup_iters": "0",
+            "solver.optimizer": "sgd",
+        },  # fmt: skip
     )
     trainer = Trainer(cfg)
     with pytest.raises(NonFiniteLossError, match=r"at iteration \d+|by iteration \d+") as err:

@@ -86,7 +86,9 @@ def _losses(out: Path) -> dict[int, float]:
 
 def test_config_yaml_strict_and_overrides(tmp_path):
     p = tmp_path / "exp.yaml"
-    p.write_text("base: tiny\ntrain:\n  max_iter: 7\nsolver:\n  base_lr: 0.001\nmodel:\n  decoder:\n    num_queries: 10\n")
+    p.write_text(
+        "base: tiny\ntrain:\n  max_iter: 7\nsolver:\n  base_lr: 0.001\nmodel:\n  decoder:\n    num_queries: 10\n"
+    )
     cfg = load_experiment(str(p))
     assert cfg.train.max_iter == 7 and cfg.solver.base_lr == 1e-3 and cfg.model.decoder.num_queries == 10
     assert cfg.model.backbone.name == get_experiment("tiny").model.backbone.name
@@ -184,7 +186,9 @@ def test_warmup_multistep_schedule():
 
 
 def test_non_finite_loss_stops_with_clear_error_and_no_checkpoint(data_root, tmp_path):
-    cfg = _cfg(data_root, tmp_path, "train.max_iter=6", "train.checkpoint_period=1", "train.keep_checkpoints=0")
+    cfg = _cfg(
+        data_root, tmp_path, "train.max_iter=6", "train.checkpoint_period=1", "train.keep_checkpoints=0"
+    )
     tr = Trainer(cfg, model=StandIn(nan_at=3))
     with pytest.raises(NonFiniteLossError) as e:
         tr.run()

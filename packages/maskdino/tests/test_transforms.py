@@ -74,7 +74,12 @@ def test_lsj_boxes_follow_masks(case):
     rec = {"image_id": 0, "height": h, "width": w, "file_name": "x"}
     fin = finalize_sample(out, rec)
     k = int(nonempty.sum())
-    assert fin["instances"]["masks"].shape[0] == k == len(fin["instances"]["labels"]) == len(fin["instances"]["boxes"])
+    assert (
+        fin["instances"]["masks"].shape[0]
+        == k
+        == len(fin["instances"]["labels"])
+        == len(fin["instances"]["boxes"])
+    )
     assert fin["instances"]["masks"].flatten(1).any(1).all()
     # padding: image 128, semantic 255, masks 0
     sem = out["sem_seg"].as_subclass(torch.Tensor)

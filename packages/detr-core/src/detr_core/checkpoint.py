@@ -182,7 +182,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """Builds only numpy arrays/dtypes/scalars and builtin containers; any other global is refused."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("_reconstruct", "scalar"):
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in (
+            "_reconstruct",
+            "scalar",
+        ):
             return getattr(_numpy_core("multiarray"), name)
         if module in ("numpy.core.numeric", "numpy._core.numeric") and name == "_frombuffer":
             return _numpy_core("numeric")._frombuffer
@@ -262,7 +265,9 @@ def load_checkpoint_file(path: PathLike) -> Any:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+        raise FileNotFoundError(
+            f"checkpoint not found: {path}" + (" (it is a folder)" if path.is_dir() else "")
+        )
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
@@ -293,7 +298,9 @@ def _to_tensor(v: Any, key: str) -> Tensor:
     raise TypeError(f"{key}: expected an array or tensor, got {type(v).__name__}")
 
 
-def extract_state_dict(obj: Any, source: PathLike | str = "checkpoint", key: str | None = None) -> dict[str, Tensor]:
+def extract_state_dict(
+    obj: Any, source: PathLike | str = "checkpoint", key: str | None = None
+) -> dict[str, Tensor]:
     """The state dict inside a checkpoint object: ``{"model": sd, ...}`` (detectron2, DINO, ours),
     ``{"state_dict": sd}`` or ``sd`` itself. Numpy arrays become tensors; non-tensor entries (e.g. ``__author__``
     strings) are dropped.
@@ -320,7 +327,9 @@ def extract_state_dict(obj: Any, source: PathLike | str = "checkpoint", key: str
         raise CheckpointError(f"{source}: expected a dict of weights, got {type(obj).__name__}")
     out: dict[str, Tensor] = {}
     for k, v in sd.items():
-        if isinstance(v, Tensor | np.ndarray | np.generic) and not (isinstance(v, np.ndarray) and v.dtype == object):
+        if isinstance(v, Tensor | np.ndarray | np.generic) and not (
+            isinstance(v, np.ndarray) and v.dtype == object
+        ):
             out[str(k)] = _to_tensor(v, str(k))
     if sd and not out:
         raise CheckpointError(f"{source}: holds no tensors (not a weights file)")
@@ -517,7 +526,9 @@ class LoadReport:
             ("shape mismatch", self.mismatched),
         ):
             if keys:
-                shown = ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+                shown = ", ".join(keys[:limit]) + (
+                    f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+                )
                 parts.append(f"{len(keys)} {name}: {shown}")
         return "; ".join(parts) if parts else "all keys matched"
 
@@ -534,11 +545,15 @@ def load_into_model(model: nn.Module, sd: Mapping[str, Tensor], strict: bool = T
         missing=sorted(k for k in own if k not in sd),
         unexpected=sorted(k for k in sd if k not in own),
         mismatched=sorted(
-            f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own and sd[k].shape != own[k].shape
+            f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+            for k in sd
+            if k in own and sd[k].shape != own[k].shape
         ),
     )
     if strict and not report.ok:
-        raise CheckpointMismatchError(f"checkpoint does not match {type(model).__name__}: {report.describe()}")
+        raise CheckpointMismatchError(
+            f"checkpoint does not match {type(model).__name__}: {report.describe()}"
+        )
     bad = {m.split(":")[0] for m in report.mismatched}
     model.load_state_dict({k: v for k, v in sd.items() if k in own and k not in bad}, strict=False)
     return report

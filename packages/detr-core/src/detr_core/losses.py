@@ -315,6 +315,7 @@ class PointMaskLoss:
 
 # ----------------------------------------------------------------------------- criterion
 
+
 class SetCriterion(nn.Module):
     """Applies every ``LossFn`` to every decoder output, with Hungarian matching (or fixed denoising pairs).
 
@@ -438,7 +439,12 @@ class SetCriterion(nn.Module):
         return losses
 
     def _denoising_level_losses(
-        self, level: int | None, pred: QueryPredictions, targets: list[dict], indices: Indices, num_boxes: float
+        self,
+        level: int | None,
+        pred: QueryPredictions,
+        targets: list[dict],
+        indices: Indices,
+        num_boxes: float,
     ) -> dict[str, Tensor]:
         """``dn_losses`` of one denoising level, keyed ``_dn`` (final) or ``_dn_{level}``."""
         suffix = "_dn" if level is None else f"_dn_{level}"

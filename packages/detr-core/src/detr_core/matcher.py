@@ -151,7 +151,9 @@ class PointMaskCost:
 
 def _need(x: Tensor | None, name: str, term: object) -> Tensor:
     if x is None:
-        raise ValueError(f"matching cost {_term_name(term)} needs predicted {name}, which this output does not have")
+        raise ValueError(
+            f"matching cost {_term_name(term)} needs predicted {name}, which this output does not have"
+        )
     return x
 
 
@@ -192,7 +194,9 @@ class HungarianMatcher(nn.Module):
         return total
 
     @torch.no_grad()
-    def forward(self, pred: QueryPredictions, targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    def forward(
+        self, pred: QueryPredictions, targets: list[dict[str, Tensor]]
+    ) -> list[tuple[Tensor, Tensor]]:
         """
         Args:
             pred: batched predictions ``logits (B, Q, C)`` (+ ``boxes``, ``masks`` as the terms need); each image's

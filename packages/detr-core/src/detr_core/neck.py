@@ -44,7 +44,9 @@ def masked_group_norm(x: Tensor, gn: nn.GroupNorm, pad: Tensor | None) -> Tensor
     cg = c // g
     valid = (~pad).to(x.dtype).reshape(b, h * w, 1)  # (B, HW, 1)
     count = valid.sum(dim=(1, 2)).clamp(min=1.0) * cg  # (B,) values per group
-    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    channels_last = (
+        x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    )
 
     def masked_channel_sums(t: Tensor) -> Tensor:
         # (B, C): the sum of t over the valid positions as one batched matrix product, in t's own layout (no

@@ -52,8 +52,13 @@ def capture_rng_state() -> dict[str, Any]:
     np_state: tuple[Any, ...] = tuple(np.random.get_state(legacy=True))  # noqa: NPY002 (what user code seeds)
     state: dict[str, Any] = {
         "python": [py[0], list(py[1]), py[2]],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])],  # fmt: skip
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],  # fmt: skip
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():

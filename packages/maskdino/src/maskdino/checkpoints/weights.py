@@ -102,7 +102,9 @@ def read_weights(path: str | os.PathLike) -> WeightsFile:
     return WeightsFile(path, sd, config, metadata, official)
 
 
-def load_model_weights(model: nn.Module, weights: str | os.PathLike | WeightsFile, strict: bool = True) -> WeightsFile:
+def load_model_weights(
+    model: nn.Module, weights: str | os.PathLike | WeightsFile, strict: bool = True
+) -> WeightsFile:
     """Load weights into ``model`` (our key names, or an official checkpoint converted on the fly).
 
     Raises:

@@ -25,8 +25,12 @@ __all__ = ["build_parser", "main"]
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--config", required=required, help="experiment preset name (e.g. tiny) or a .yaml/.json file")
-    p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. train.max_iter=100")
+    p.add_argument(
+        "--config", required=required, help="experiment preset name (e.g. tiny) or a .yaml/.json file"
+    )
+    p.add_argument(
+        "--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. train.max_iter=100"
+    )
 
 
 def _add_precision_arg(p: argparse.ArgumentParser, what: str = "") -> None:
@@ -64,10 +68,14 @@ def _probability(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maskdino", description="Mask DINO: train, evaluate and run (no detectron2).")
+    parser = argparse.ArgumentParser(
+        prog="maskdino", description="Mask DINO: train, evaluate and run (no detectron2)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("synth", help="write the synthetic shapes dataset (COCO instance + panoptic + semantic)")
+    p = sub.add_parser(
+        "synth", help="write the synthetic shapes dataset (COCO instance + panoptic + semantic)"
+    )
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train", type=_positive_int, default=200, help="number of training images")
@@ -78,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last_checkpoint (exactly)")
     p.add_argument("--output", help="output folder (overrides train.output_dir)")
-    p.add_argument("--time-budget", type=_nonnegative_float, help="stop cleanly after this many seconds of training")
+    p.add_argument(
+        "--time-budget", type=_nonnegative_float, help="stop cleanly after this many seconds of training"
+    )
 
     p = sub.add_parser("eval", help="evaluate weights on the config's val split")
     _add_config_args(p, required=False)
@@ -111,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--op-form", choices=["grid_sample", "gather"], default="grid_sample",
                    help="deformable attention in ONNX: GridSample per level, or Gather + arithmetic (for TensorRT)")  # fmt: skip
 
-    p = sub.add_parser("convert", help="convert an official Mask DINO checkpoint (arguments: see maskdino convert -h)")
+    p = sub.add_parser(
+        "convert", help="convert an official Mask DINO checkpoint (arguments: see maskdino convert -h)"
+    )
     p.add_argument("args", nargs=argparse.REMAINDER)
 
     p = sub.add_parser("demo", help="the CPU demo: synthetic data, tiny model, evaluation, pictures")
@@ -121,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--loss-png", help="also copy the loss curve here")
-    p.add_argument("--threads", type=_positive_int, help="torch threads (default: the idle cores, from the load average)")
+    p.add_argument(
+        "--threads", type=_positive_int, help="torch threads (default: the idle cores, from the load average)"
+    )
     _add_precision_arg(p, "of the evaluation and the pictures (training is float32)")
     return parser
 

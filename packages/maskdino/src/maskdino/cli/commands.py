@@ -83,7 +83,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         results = evaluate(model, val_ds, meta, spec, device, output_dir=out, progress=True)
     if get_rank() == 0:
         print(f"[maskdino] {format_metrics(results)}")
-        headline = {k: v for k, v in results.items() if "/AP-" not in k and "IoU-" not in k and "ACC-" not in k}
+        headline = {
+            k: v for k, v in results.items() if "/AP-" not in k and "IoU-" not in k and "ACC-" not in k
+        }
         print(json.dumps(headline, indent=1))
     return 0
 
@@ -102,7 +104,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from maskdino.inference.visualize import draw_instances, save_image
 
     if args.backend == "torch" and (not args.weights or args.model):
-        raise DataError("--backend torch runs --weights (a .pth/.safetensors file); --model is for exported models")
+        raise DataError(
+            "--backend torch runs --weights (a .pth/.safetensors file); --model is for exported models"
+        )
     if args.backend != "torch" and (not args.model or args.weights or args.config or args.opts):
         raise DataError(f"--backend {args.backend} runs --model (the file of `maskdino export`), which records its "
                         "own config: --weights, --config and --opts are for the torch backend")  # fmt: skip
@@ -120,7 +124,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         predictor = exported_predictor(exported)
         meta = DatasetMetadata.from_dict(exported.metadata.classes)
     if "instance" not in predictor.postprocessor.tasks:
-        raise DataError("the model has instance inference off (model.inference.instance_on=false); nothing to draw")
+        raise DataError(
+            "the model has instance inference off (model.inference.instance_on=false); nothing to draw"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
@@ -128,7 +134,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     stems: dict[str, int] = {}
     for idx, path in enumerate(paths):
         try:
-            image, pred = predictor.predict_file(path, tasks=["instance"], score_threshold=args.score_threshold)
+            image, pred = predictor.predict_file(
+                path, tasks=["instance"], score_threshold=args.score_threshold
+            )
         except (DataError, ImageTooLargeError, OSError, MemoryError) as e:
             # one bad image costs that image only
             failed.append((path, str(e) or type(e).__name__))
@@ -145,11 +153,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
         cat_ids = np.asarray([meta.dataset_ids[k] for k in labels], dtype=np.int64)
         for k in range(len(inst)):  # one mask at a time: RLE-encoding them together copies them all
             (rec,) = instances_to_coco_json(
-                image_id, inst.boxes[k : k + 1], inst.scores[k : k + 1], cat_ids[k : k + 1], inst.masks[k : k + 1]
+                image_id,
+                inst.boxes[k : k + 1],
+                inst.scores[k : k + 1],
+                cat_ids[k : k + 1],
+                inst.masks[k : k + 1],
             )
             rec.update({"file_name": str(path), "category_name": meta.names[labels[k]]})
             results.append(rec)
-        print(f"{path}: {len(inst)} instances with score >= {args.score_threshold} -> {out / (name + '.png')}")
+        print(
+            f"{path}: {len(inst)} instances with score >= {args.score_threshold} -> {out / (name + '.png')}"
+        )
     _write_json_atomic(out / "predictions.json", results)
     print(f"COCO-format results of {len(paths) - len(failed)} image(s): {out / 'predictions.json'}")
     if failed:

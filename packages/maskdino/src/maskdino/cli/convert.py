@@ -20,7 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("src", help="official checkpoint (.pth / .pkl / .safetensors)")
     parser.add_argument("dst", help="output file: .safetensors or .pth/.pt")
     parser.add_argument(
-        "--backbone", choices=["resnet", "swin"], default=None, help="backbone layout (default: detect from keys)"
+        "--backbone",
+        choices=["resnet", "swin"],
+        default=None,
+        help="backbone layout (default: detect from keys)",
     )
     parser.add_argument(
         "--preset",

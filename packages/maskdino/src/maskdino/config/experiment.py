@@ -170,7 +170,9 @@ class ExperimentConfig(DictConfig):
         if not (d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
             raise ConfigError(f"train.device = {d!r}; expected auto, cpu, cuda or cuda:N")
         if self.data.min_scale > self.data.max_scale:
-            raise ConfigError(f"data.min_scale ({self.data.min_scale}) > data.max_scale ({self.data.max_scale})")
+            raise ConfigError(
+                f"data.min_scale ({self.data.min_scale}) > data.max_scale ({self.data.max_scale})"
+            )
         if self.train.ims_per_batch % self.train.accumulate:
             raise ConfigError(
                 f"train.ims_per_batch ({self.train.ims_per_batch}) must be divisible by train.accumulate "
@@ -281,7 +283,9 @@ def get_experiment(name: str) -> ExperimentConfig:
     elif name in MODEL_PRESETS:
         cfg = _coco_experiment(name)
     else:
-        raise ConfigError(f"unknown experiment {name!r}; available: {list_experiments()} or a .yaml/.json file")
+        raise ConfigError(
+            f"unknown experiment {name!r}; available: {list_experiments()} or a .yaml/.json file"
+        )
     cfg.validate()
     return copy.deepcopy(cfg)
 

@@ -66,9 +66,9 @@ _RES: list[FeatureName] = ["res2", "res3", "res4", "res5"]
 class BackboneConfig:
     """Backbone. ``name``: ``resnet18 | resnet34 | resnet50 | resnet101 | swin_t | swin_s | swin_b | swin_l``."""
 
-    name: Literal[
-        "resnet18", "resnet34", "resnet50", "resnet101", "swin_t", "swin_s", "swin_b", "swin_l"
-    ] = "resnet50"
+    name: Literal["resnet18", "resnet34", "resnet50", "resnet101", "swin_t", "swin_s", "swin_b", "swin_l"] = (
+        "resnet50"
+    )
     #: local file with ImageNet weights (torchvision ``.pth`` for ResNets); None = random init. Never downloaded.
     weights: str | None = None
     #: features returned to the pixel decoder (MODEL.RESNETS.OUT_FEATURES).
@@ -90,7 +90,9 @@ class PixelDecoderConfig:
     mask_dim: int = _pos(256)  # SEM_SEG_HEAD.MASK_DIM
     num_encoder_layers: int = _nonneg(6)  # SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS
     dim_feedforward: int = _pos(2048)  # SEM_SEG_HEAD.DIM_FEEDFORWARD
-    nheads: int = _pos(8)  # MaskDINO.NHEADS (the official encoder reads it; its decoder layers always use 8 heads)
+    nheads: int = _pos(
+        8
+    )  # MaskDINO.NHEADS (the official encoder reads it; its decoder layers always use 8 heads)
     n_points: int = _pos(4)  # the official encoder hard-codes 4 (it ignores ..._ENCODER_N_POINTS)
     dropout: float = field(default=0.0, metadata=PROB)  # MaskDINO.DROPOUT
     #: SEM_SEG_HEAD.NUM_FEATURE_LEVELS (kept for parity; unused by the official code)
@@ -207,7 +209,9 @@ class MaskDINOConfig(DictConfig):
                 "pixel_decoder.total_num_feature_levels < len(pixel_decoder.transformer_in_features)"
             )
         if not set(pd.transformer_in_features) <= set(pd.in_features):
-            raise ConfigError("pixel_decoder.transformer_in_features must be a subset of pixel_decoder.in_features")
+            raise ConfigError(
+                "pixel_decoder.transformer_in_features must be a subset of pixel_decoder.in_features"
+            )
         if not set(pd.in_features) <= set(self.backbone.out_features):
             raise ConfigError("pixel_decoder.in_features must be a subset of backbone.out_features")
         if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3:
@@ -233,5 +237,3 @@ def load_config(path: str | Path) -> MaskDINOConfig:
 def save_config(cfg: MaskDINOConfig, path: str | Path) -> None:
     """Write ``cfg`` as YAML or JSON (by suffix)."""
     write_config_file(cfg.to_dict(), path)
-
-

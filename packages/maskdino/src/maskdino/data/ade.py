@@ -60,7 +60,9 @@ def load_sem_seg(
             raise FileNotFoundError(f"no label PNG for image {p} (expected {lab})")
         with Image.open(p) as img:
             w, h = img.size
-        records.append({"file_name": str(p), "sem_seg_file_name": str(lab), "image_id": i, "height": h, "width": w})
+        records.append(
+            {"file_name": str(p), "sem_seg_file_name": str(lab), "image_id": i, "height": h, "width": w}
+        )
     if not records:
         raise DataError(f"no images found in {image_dir}")
     meta = DatasetMetadata(
@@ -95,8 +97,14 @@ class SemanticDataset(RecordDataset):
         """One target per class present in the transformed ``sem_seg`` (boxes from its mask)."""
         sem = sample["sem_seg"].as_subclass(torch.Tensor).long()
         classes = [int(c) for c in torch.unique(sem) if int(c) != SEM_SEG_IGNORE]
-        masks = torch.stack([sem == c for c in classes]) if classes else torch.zeros((0, *sem.shape), dtype=torch.bool)
+        masks = (
+            torch.stack([sem == c for c in classes])
+            if classes
+            else torch.zeros((0, *sem.shape), dtype=torch.bool)
+        )
         sample["masks"] = tv_tensors.Mask(masks)
         sample["labels"] = torch.tensor(classes, dtype=torch.int64)
-        sample["boxes"] = tv_tensors.BoundingBoxes(masks_to_boxes(masks), format="XYXY", canvas_size=tuple(sem.shape))
+        sample["boxes"] = tv_tensors.BoundingBoxes(
+            masks_to_boxes(masks), format="XYXY", canvas_size=tuple(sem.shape)
+        )
         return sample

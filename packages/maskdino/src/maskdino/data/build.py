@@ -215,7 +215,13 @@ def build_datasets(data_cfg, num_classes: int | None = None, splits: tuple[str, 
 
 
 def build_train_loader(
-    dataset, batch_size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0
+    dataset,
+    batch_size: int,
+    seed: int,
+    start: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
 ) -> DataLoader:
     sampler = TrainingSampler(len(dataset), batch_size, seed, rank, world_size, start)
     # A private generator: the DataLoader draws its worker base seed from it instead of from the global

@@ -61,7 +61,9 @@ class DatasetMetadata:
         if not self.colors:
             self.colors = [_default_color(k) for k in range(len(self.names))]
         if not (len(self.names) == len(self.dataset_ids) == len(self.isthing) == len(self.colors)):
-            raise DataError("DatasetMetadata: names, dataset_ids, isthing and colors must have the same length")
+            raise DataError(
+                "DatasetMetadata: names, dataset_ids, isthing and colors must have the same length"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -199,7 +201,10 @@ def decode_segmentation(segm: Any, height: int, width: int, where: str = "") -> 
                 rle = mask_utils.frPyObjects(segm, h, w)
             else:
                 counts = segm["counts"]
-                rle = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+                rle = {
+                    "size": [h, w],
+                    "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+                }
         else:
             raise DataError(f"unsupported segmentation type {type(segm).__name__}")
         m = mask_utils.decode(rle)
@@ -377,7 +382,11 @@ class InstanceDataset(RecordDataset):
     """
 
     def __init__(
-        self, records: list[dict[str, Any]], metadata: DatasetMetadata, transform=None, box_from_mask: bool = True
+        self,
+        records: list[dict[str, Any]],
+        metadata: DatasetMetadata,
+        transform=None,
+        box_from_mask: bool = True,
     ) -> None:
         super().__init__(records, metadata, transform)
         self.box_from_mask = box_from_mask
@@ -400,7 +409,9 @@ class InstanceDataset(RecordDataset):
                 # Box-only annotation: the box region stands in for the mask.
                 masks[i, int(y) : int(np.ceil(y + bh)), int(x) : int(np.ceil(x + bw))] = True
             else:
-                masks[i] = decode_segmentation(a["segmentation"], h, w, f"{rec['file_name']}: annotation id {a['id']}")
+                masks[i] = decode_segmentation(
+                    a["segmentation"], h, w, f"{rec['file_name']}: annotation id {a['id']}"
+                )
         labels = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
         return {
             "image": tv_tensors.Image(image),
@@ -410,7 +421,9 @@ class InstanceDataset(RecordDataset):
         }
 
 
-def finalize_sample(sample: dict[str, Any], rec: dict[str, Any], box_from_mask: bool = True) -> dict[str, Any]:
+def finalize_sample(
+    sample: dict[str, Any], rec: dict[str, Any], box_from_mask: bool = True
+) -> dict[str, Any]:
     """Drop instances that became empty (e.g. cropped away) and pack the output dict.
 
     With ``box_from_mask`` the target boxes are the tight boxes of the transformed masks (what the

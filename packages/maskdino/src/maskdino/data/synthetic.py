@@ -65,7 +65,8 @@ def _shape_mask(kind: int, cx: float, cy: float, r: float, angle: float, size: i
     R = 1.15 * r
     inside = np.ones((size, size), dtype=bool)
     verts = [
-        (cx + R * np.sin(angle + k * 2 * np.pi / 3), cy - R * np.cos(angle + k * 2 * np.pi / 3)) for k in range(3)
+        (cx + R * np.sin(angle + k * 2 * np.pi / 3), cy - R * np.cos(angle + k * 2 * np.pi / 3))
+        for k in range(3)
     ]
     for k in range(3):
         (x0, y0), (x1, y1) = verts[k], verts[(k + 1) % 3]
@@ -177,10 +178,19 @@ def _generate_split(root: Path, split: str, split_index: int, n: int, seed: int,
         Image.fromarray(sem).save(paths["semantic"] / f"{stem}.png")
         images.append({"id": image_id, "file_name": f"{stem}.png", "height": size, "width": size})
         pan_anns.append({"image_id": image_id, "file_name": f"{stem}.png", "segments_info": segments_info})
-    info = {"description": f"maskdino synthetic shapes, seed {seed}, split {split}", "version": str(FORMAT_VERSION)}
+    info = {
+        "description": f"maskdino synthetic shapes, seed {seed}, split {split}",
+        "version": str(FORMAT_VERSION),
+    }
     things = [c for c in CATEGORIES if c["isthing"]]
-    _write_json(paths["instances_json"], {"info": info, "images": images, "annotations": inst_anns, "categories": things})
-    _write_json(paths["panoptic_json"], {"info": info, "images": images, "annotations": pan_anns, "categories": CATEGORIES})
+    _write_json(
+        paths["instances_json"],
+        {"info": info, "images": images, "annotations": inst_anns, "categories": things},
+    )
+    _write_json(
+        paths["panoptic_json"],
+        {"info": info, "images": images, "annotations": pan_anns, "categories": CATEGORIES},
+    )
 
 
 def generate_synthetic(

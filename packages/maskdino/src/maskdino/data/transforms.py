@@ -25,7 +25,14 @@ from torchvision import tv_tensors
 from detr_core import box_ops
 from maskdino.data.errors import DataError
 
-__all__ = ["Compose", "LargeScaleJitter", "RandomHorizontalFlip", "ResizeShortestEdge", "apply_seeded", "masks_to_boxes"]
+__all__ = [
+    "Compose",
+    "LargeScaleJitter",
+    "RandomHorizontalFlip",
+    "ResizeShortestEdge",
+    "apply_seeded",
+    "masks_to_boxes",
+]
 
 IMAGE_PAD_VALUE = 128
 SEM_SEG_IGNORE = 255
@@ -93,7 +100,9 @@ def _resize(sample: dict[str, Any], new_h: int, new_w: int) -> dict[str, Any]:
             # Label maps: nearest neighbour; v2 picks NEAREST for Mask but be explicit. Bool masks are
             # resized as uint8 (the kernels do not take bool).
             is_bool = x.dtype == torch.bool
-            y = F.resize(x.to(torch.uint8) if is_bool else x, [new_h, new_w], interpolation=F.InterpolationMode.NEAREST)
+            y = F.resize(
+                x.to(torch.uint8) if is_bool else x, [new_h, new_w], interpolation=F.InterpolationMode.NEAREST
+            )
             out[k] = tv_tensors.wrap(y.as_subclass(torch.Tensor).bool(), like=x) if is_bool else y
         elif k == "image":
             out[k] = F.resize(x, [new_h, new_w], antialias=True)
@@ -111,9 +120,13 @@ class LargeScaleJitter:
         flip_prob: probability of a horizontal flip.
     """
 
-    def __init__(self, size: int, min_scale: float = 0.1, max_scale: float = 2.0, flip_prob: float = 0.5) -> None:
+    def __init__(
+        self, size: int, min_scale: float = 0.1, max_scale: float = 2.0, flip_prob: float = 0.5
+    ) -> None:
         if not 0 < min_scale <= max_scale:
-            raise DataError(f"LargeScaleJitter: need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
+            raise DataError(
+                f"LargeScaleJitter: need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}"
+            )
         self.size = int(size)
         self.min_scale = float(min_scale)
         self.max_scale = float(max_scale)
@@ -156,7 +169,9 @@ class ResizeShortestEdge:
     are always resized with nearest neighbour.
     """
 
-    def __init__(self, short_edge: int, max_size: int = 1333, backend: Literal["tensor", "pil"] = "tensor") -> None:
+    def __init__(
+        self, short_edge: int, max_size: int = 1333, backend: Literal["tensor", "pil"] = "tensor"
+    ) -> None:
         if backend not in ("tensor", "pil"):
             raise ValueError(f"ResizeShortestEdge: backend must be 'tensor' or 'pil', got {backend!r}")
         self.short_edge = int(short_edge)

@@ -16,7 +16,9 @@ from maskdino.engine.metrics import format_metrics
 __all__ = ["demo_config", "run_demo", "write_prediction_pictures"]
 
 
-def demo_config(output: str | Path = "outputs/demo", time_budget_s: float | None = 720.0, opts=()) -> ExperimentConfig:
+def demo_config(
+    output: str | Path = "outputs/demo", time_budget_s: float | None = 720.0, opts=()
+) -> ExperimentConfig:
     cfg = get_experiment("tiny")
     out = Path(output)
     cfg.data.root = str(out / "data")
@@ -54,7 +56,9 @@ def _clean_train_dir(path: Path) -> None:
 
 
 @torch.no_grad()
-def write_prediction_pictures(model, dataset, meta, out_dir: str | Path, num: int = 8, score_threshold: float = 0.3):
+def write_prediction_pictures(
+    model, dataset, meta, out_dir: str | Path, num: int = 8, score_threshold: float = 0.3
+):
     """For the first ``num`` images: input | instances (masks, boxes, labels, scores) | panoptic, side by side."""
     from maskdino.data.coco import read_image
     from maskdino.inference.visualize import draw_instances, draw_panoptic, save_image
@@ -116,9 +120,13 @@ def run_demo(
     trainer = Trainer(cfg, resume=resume)
     result = trainer.run()
     metrics = result.metrics
-    pictures = write_prediction_pictures(trainer.model, trainer.val_ds, trainer.meta, out / "predictions", num_pictures)
+    pictures = write_prediction_pictures(
+        trainer.model, trainer.val_ds, trainer.meta, out / "predictions", num_pictures
+    )
     curve = out / "loss_curve.png"
-    plotted = plot_loss_curve(Path(cfg.train.output_dir) / "metrics.jsonl", curve, "Mask DINO tiny on synthetic shapes")
+    plotted = plot_loss_curve(
+        Path(cfg.train.output_dir) / "metrics.jsonl", curve, "Mask DINO tiny on synthetic shapes"
+    )
     if plotted and loss_png is not None:
         Path(loss_png).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(curve, loss_png)
@@ -142,6 +150,8 @@ def run_demo(
     print(f"[maskdino] demo finished in {total / 60:.1f} min ({result.iteration} iterations, "
           f"{result.train_seconds / 60:.1f} min of training)", flush=True)  # fmt: skip
     print(f"[maskdino] synthetic val: {format_metrics(metrics)}", flush=True)
-    print(f"[maskdino] pictures: {out / 'predictions'}   loss curve: {curve if plotted else '(matplotlib missing)'}")
+    print(
+        f"[maskdino] pictures: {out / 'predictions'}   loss curve: {curve if plotted else '(matplotlib missing)'}"
+    )
     print(f"[maskdino] weights: {result.final_checkpoint}   summary: {out / 'summary.json'}", flush=True)
     return summary

@@ -25,7 +25,13 @@ from maskdino.data.panoptic import panoptic_to_targets, read_panoptic_png
 from maskdino.engine.distributed import get_rank, get_world_size
 from maskdino.engine.metrics import format_metrics, json_safe
 
-__all__ = ["evaluate", "format_metrics", "gt_semantic_map", "instances_to_eval_output", "panoptic_to_eval_output"]
+__all__ = [
+    "evaluate",
+    "format_metrics",
+    "gt_semantic_map",
+    "instances_to_eval_output",
+    "panoptic_to_eval_output",
+]
 
 
 def gt_semantic_map(sample: dict[str, Any]) -> np.ndarray:
@@ -61,7 +67,11 @@ def panoptic_to_eval_output(pan, meta: DatasetMetadata) -> dict[str, Any]:
     return {
         "panoptic_seg": pan.segments.cpu().numpy().astype(np.int64),
         "segments_info": [
-            {"id": int(s["id"]), "category_id": meta.dataset_ids[int(s["category_id"])], "isthing": bool(s["isthing"])}
+            {
+                "id": int(s["id"]),
+                "category_id": meta.dataset_ids[int(s["category_id"])],
+                "isthing": bool(s["isthing"]),
+            }
             for s in pan.segments_info
         ],
     }
@@ -120,7 +130,11 @@ def evaluate(
         pan_eval = COCOPanopticEvaluator(spec.panoptic_json, spec.panoptic_dir)
     if spec.semantic and semantic_on:
         sem_eval = SemSegEvaluator(meta.num_classes, ignore_label=255)
-    tasks = {"instance": inst_eval is not None, "panoptic": pan_eval is not None, "semantic": sem_eval is not None}
+    tasks = {
+        "instance": inst_eval is not None,
+        "panoptic": pan_eval is not None,
+        "semantic": sem_eval is not None,
+    }
 
     loader = build_test_loader(dataset, get_rank(), get_world_size(), batch_size=1, num_workers=num_workers)
     it = loader
@@ -138,10 +152,15 @@ def evaluate(
             preds = cast(Any, net).predict(images, original_sizes=sizes, tasks=chosen, precision=precision)
             for s, p in zip(batch, preds):
                 if inst_eval is not None and p.instances is not None:
-                    inst_eval.process([{"image_id": s["image_id"]}], [instances_to_eval_output(p.instances, meta, allowed)])
+                    inst_eval.process(
+                        [{"image_id": s["image_id"]}], [instances_to_eval_output(p.instances, meta, allowed)]
+                    )
                 if pan_eval is not None and p.panoptic is not None:
                     png = Path(s["pan_seg_file_name"]).name
-                    pan_eval.process([{"image_id": s["image_id"], "file_name": png}], [panoptic_to_eval_output(p.panoptic, meta)])
+                    pan_eval.process(
+                        [{"image_id": s["image_id"], "file_name": png}],
+                        [panoptic_to_eval_output(p.panoptic, meta)],
+                    )
                 if sem_eval is not None and p.semantic is not None:
                     pred = p.semantic.argmax(0).cpu().numpy()
                     sem_eval.process([{"sem_seg": gt_semantic_map(s)}], [{"sem_seg": pred}])
@@ -161,4 +180,3 @@ def evaluate(
             if inst_eval is not None and get_world_size() == 1:
                 inst_eval.save_results(out / "coco_instances_results.json")
     return results
-

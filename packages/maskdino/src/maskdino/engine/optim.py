@@ -51,11 +51,16 @@ def param_groups(model: nn.Module, cfg: SolverConfig) -> list[dict[str, Any]]:
                 lr = lr * cfg.backbone_multiplier
             if pname in NO_DECAY_NAMES:
                 wd = 0.0
-            if isinstance(module, NORM_TYPES) or type(module).__name__ in ("FrozenBatchNorm2d", "LayerNorm2d"):
+            if isinstance(module, NORM_TYPES) or type(module).__name__ in (
+                "FrozenBatchNorm2d",
+                "LayerNorm2d",
+            ):
                 wd = cfg.weight_decay_norm
             if isinstance(module, nn.Embedding):
                 wd = cfg.weight_decay_embed
-            groups.append({"params": [p], "lr": lr, "weight_decay": wd, "name": f"{module_name}.{pname}".lstrip(".")})
+            groups.append(
+                {"params": [p], "lr": lr, "weight_decay": wd, "name": f"{module_name}.{pname}".lstrip(".")}
+            )
     return groups
 
 

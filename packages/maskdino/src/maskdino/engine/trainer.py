@@ -134,7 +134,9 @@ class Trainer:
         # float16 autocast only on CUDA (CPU float16 kernels are slow and partial); bfloat16 on either.
         self.amp_enabled = cfg.solver.amp and (cuda or amp_dtype == torch.bfloat16)
         self.amp_dtype = amp_dtype
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_enabled and cuda and amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.amp_enabled and cuda and amp_dtype == torch.float16
+        )
 
         if datasets is None:
             datasets = build_datasets(cfg.data, cfg.model.num_classes)
@@ -208,7 +210,9 @@ class Trainer:
     def save(self, name: str) -> Path | None:
         """Write a checkpoint (rank 0) if the weights are finite; non-finite weights stop training instead, so that
         the latest checkpoint is always the last finite one."""
-        bad = next((n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p.detach()).all())), None)
+        bad = next(
+            (n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p.detach()).all())), None
+        )
         if bad is not None:
             raise NonFiniteLossError(
                 f"the weights became non-finite (first: {bad}) by iteration {self.iteration}; not saving {name}. "
@@ -216,7 +220,9 @@ class Trainer:
             )
         path = None
         if self.rank == 0:
-            path = save_training_checkpoint(self.output_dir, name, self._state(), keep=self.cfg.train.keep_checkpoints)
+            path = save_training_checkpoint(
+                self.output_dir, name, self._state(), keep=self.cfg.train.keep_checkpoints
+            )
             self._last_saved = path
         barrier()
         return path
@@ -239,7 +245,11 @@ class Trainer:
         if self.iteration == 0:
             path.unlink()
             return
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("iteration", 0) <= self.iteration]
+        keep = [
+            ln
+            for ln in path.read_text().splitlines()
+            if ln.strip() and json.loads(ln).get("iteration", 0) <= self.iteration
+        ]
         path.write_text("".join(ln + "\n" for ln in keep))
 
     def _write_metrics(self, row: dict[str, Any]) -> None:
@@ -324,7 +334,9 @@ class Trainer:
         if self.rank == 0 and t.progress_bar:
             from tqdm import tqdm
 
-            bar = tqdm(total=max_iter, initial=self.iteration, desc="train", dynamic_ncols=True, smoothing=0.05)
+            bar = tqdm(
+                total=max_iter, initial=self.iteration, desc="train", dynamic_ncols=True, smoothing=0.05
+            )
         start = time.perf_counter()
         stopped_early = False
         last_eval: dict[str, float] = {}
@@ -334,7 +346,9 @@ class Trainer:
                     elapsed = broadcast_object(time.perf_counter() - start)
                     if elapsed >= t.time_budget_s:
                         stopped_early = True
-                        self.log(f"time budget of {t.time_budget_s:.0f} s reached at iteration {self.iteration}")
+                        self.log(
+                            f"time budget of {t.time_budget_s:.0f} s reached at iteration {self.iteration}"
+                        )
                         break
                     self._maybe_drop_lr(elapsed)
                 it_start = time.perf_counter()
@@ -349,9 +363,15 @@ class Trainer:
                     postfix = {"loss": f"{row['total_loss']:.3f}", "lr": f"{row['lr']:.2e}"}
                     if t.time_budget_s is not None:
                         # tqdm's ETA counts max_iter; with a time budget the budget usually ends the run first
-                        postfix["budget_left"] = f"{max(0.0, t.time_budget_s - (time.perf_counter() - start)):.0f}s"
+                        postfix["budget_left"] = (
+                            f"{max(0.0, t.time_budget_s - (time.perf_counter() - start)):.0f}s"
+                        )
                     bar.set_postfix(postfix, refresh=False)
-                if t.checkpoint_period and self.iteration % t.checkpoint_period == 0 and self.iteration < max_iter:
+                if (
+                    t.checkpoint_period
+                    and self.iteration % t.checkpoint_period == 0
+                    and self.iteration < max_iter
+                ):
                     self.save(f"model_{self.iteration:07d}.pth")
                 if t.eval_period and self.iteration % t.eval_period == 0 and self.iteration < max_iter:
                     last_eval = self.evaluate()
@@ -360,7 +380,11 @@ class Trainer:
                 bar.close()
         train_seconds = time.perf_counter() - start
         # The end of a run (max_iter or the time budget) is `model_final.pth`; `stop_at` leaves a periodic name.
-        final_name = "model_final.pth" if stop_at is None or self.iteration >= t.max_iter else f"model_{self.iteration:07d}.pth"
+        final_name = (
+            "model_final.pth"
+            if stop_at is None or self.iteration >= t.max_iter
+            else f"model_{self.iteration:07d}.pth"
+        )
         final = self.save(final_name)
         if stop_at is None or self.iteration >= t.max_iter:
             last_eval = self.evaluate() if (stopped_early or self.iteration >= t.max_iter) else last_eval
@@ -371,7 +395,11 @@ class Trainer:
     def _maybe_drop_lr(self, elapsed: float) -> None:
         """Time-budget LR step: scale the scheduler's base LRs by gamma once (saved with the scheduler state)."""
         t = self.cfg.train
-        if t.budget_lr_drop is None or t.time_budget_s is None or getattr(self.scheduler, "budget_dropped", False):
+        if (
+            t.budget_lr_drop is None
+            or t.time_budget_s is None
+            or getattr(self.scheduler, "budget_dropped", False)
+        ):
             return
         if elapsed >= t.budget_lr_drop * t.time_budget_s:
             gamma = self.cfg.solver.gamma
@@ -408,7 +436,9 @@ class Trainer:
             for k, v in losses.items():
                 summed[k] = summed.get(k, 0) + v.detach() / t.accumulate
         self.scaler.unscale_(self.optimizer)
-        gnorm = clip_gradients(self.model.parameters(), self.cfg.solver.clip_value, self.cfg.solver.clip_norm_type)
+        gnorm = clip_gradients(
+            self.model.parameters(), self.cfg.solver.clip_value, self.cfg.solver.clip_norm_type
+        )
         if gnorm is not None and not torch.isfinite(gnorm) and not self.scaler.is_enabled():
             raise NonFiniteLossError(
                 f"non-finite gradient norm ({float(gnorm)}) at iteration {self.iteration + 1}; training stopped "
@@ -433,5 +463,3 @@ def train(cfg: ExperimentConfig, resume: bool = False, model: nn.Module | None =
     if trainer.rank == 0 and result.metrics:
         print(f"[maskdino] final: {format_metrics(result.metrics)}", flush=True)
     return result
-
-

@@ -11,4 +11,11 @@ never needs them.
 from .metadata import ExportError, ExportMetadata
 from .onnx import default_size, export_onnx, export_openvino, openvino_from_onnx
 
-__all__ = ["ExportError", "ExportMetadata", "default_size", "export_onnx", "export_openvino", "openvino_from_onnx"]
+__all__ = [
+    "ExportError",
+    "ExportMetadata",
+    "default_size",
+    "export_onnx",
+    "export_openvino",
+    "openvino_from_onnx",
+]

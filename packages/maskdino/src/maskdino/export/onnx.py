@@ -56,7 +56,9 @@ def _check_size(loaded: LoadedModel, height: int | None, width: int | None) -> t
     d = max(1, loaded.model.size_divisibility)
     for name, v in (("height", height), ("width", width)):
         if v <= 0 or v % d:
-            raise ExportError(f"--{name} {v}: must be a positive multiple of the model's size_divisibility ({d})")
+            raise ExportError(
+                f"--{name} {v}: must be a positive multiple of the model's size_divisibility ({d})"
+            )
     return height, width
 
 
@@ -146,7 +148,9 @@ def export_onnx(
         raise ExportError(f"op form {op_form!r}: expected 'grid_sample' or 'gather'")
     _check_model(loaded)
     h, w = _check_size(loaded, height, width)
-    metadata = ExportMetadata.from_experiment(loaded.config, loaded.metadata, h, w, dynamic, precision, op_form)
+    metadata = ExportMetadata.from_experiment(
+        loaded.config, loaded.metadata, h, w, dynamic, precision, op_form
+    )
     program = _export_program(loaded, h, w, dynamic, op_form)
     onnx_model = program.model_proto
     if precision == "fp16":

@@ -83,7 +83,9 @@ class ExportedModel:
         try:
             model = core.read_model(str(self.path))
         except Exception as e:
-            raise ExportError(f"{self.path} is not a valid OpenVINO/ONNX model: {str(e).splitlines()[0]}") from None
+            raise ExportError(
+                f"{self.path} is not a valid OpenVINO/ONNX model: {str(e).splitlines()[0]}"
+            ) from None
         if model.has_rt_info("maskdino"):
             text = model.get_rt_info("maskdino").astype(str)
         else:
@@ -92,7 +94,9 @@ class ExportedModel:
             if self.path.suffix == ".onnx":
                 import onnx
 
-                props = {p.key: p.value for p in onnx.load(str(self.path), load_external_data=False).metadata_props}
+                props = {
+                    p.key: p.value for p in onnx.load(str(self.path), load_external_data=False).metadata_props
+                }
                 text = props.get("maskdino")
             if text is None:
                 raise ExportError(f"{self.path} was not exported by maskdino (no maskdino metadata)")
@@ -119,7 +123,9 @@ class ExportedModel:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ExportError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         if image_sizes.shape != (images.shape[0], 2):
-            raise ExportError(f"image_sizes must be (B, 2) = ({images.shape[0]}, 2), got {tuple(image_sizes.shape)}")
+            raise ExportError(
+                f"image_sizes must be (B, 2) = ({images.shape[0]}, 2), got {tuple(image_sizes.shape)}"
+            )
         h, w = int(images.shape[-2]), int(images.shape[-1])
         if not m.dynamic:
             if (h, w) != (m.height, m.width):
@@ -139,7 +145,9 @@ class ExportedModel:
             "images": images.detach().float().cpu().contiguous().numpy(),
             "image_sizes": image_sizes.detach().to(torch.long).cpu().contiguous().numpy(),
         }
-        feeds = {k: v for k, v in feeds.items() if k in self._input_names}  # official mode may drop image_sizes
+        feeds = {
+            k: v for k, v in feeds.items() if k in self._input_names
+        }  # official mode may drop image_sizes
         if self.backend == "onnxruntime":
             outs = self._session.run(None, feeds)
         else:

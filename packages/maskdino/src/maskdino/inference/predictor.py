@@ -127,7 +127,9 @@ def load_model(
     wf = read_weights(weights)
     if config is None:
         if wf.config is None:
-            raise ConfigError(f"{wf.path} has no embedded config; pass --config (a preset name or a config file)")
+            raise ConfigError(
+                f"{wf.path} has no embedded config; pass --config (a preset name or a config file)"
+            )
         cfg = ExperimentConfig.from_dict(wf.config)
     elif isinstance(config, ExperimentConfig):
         cfg = config
@@ -189,14 +191,18 @@ class ImagePredictor:
         self.padding_aware = padding_aware
 
     @classmethod
-    def from_model(cls, model: MaskDINO, cfg: ExperimentConfig, precision: Precision | None = None) -> ImagePredictor:
+    def from_model(
+        cls, model: MaskDINO, cfg: ExperimentConfig, precision: Precision | None = None
+    ) -> ImagePredictor:
         """The PyTorch backend: ``model`` itself, in ``precision`` (default the model's; see
         :mod:`maskdino.modeling.precision`)."""
         chosen: Precision = model.precision if precision is None else precision
         return cls(
             run=with_precision(model._inference, chosen, model.device),  # type: ignore[arg-type]
             postprocessor=model.postprocessor,
-            resize=ResizeShortestEdge(cfg.data.test_short_edge, cfg.data.test_max_size, backend=cfg.data.test_resize),
+            resize=ResizeShortestEdge(
+                cfg.data.test_short_edge, cfg.data.test_max_size, backend=cfg.data.test_resize
+            ),
             pixel_mean=model.pixel_mean,
             pixel_std=model.pixel_std,
             size_divisibility=model.size_divisibility,
@@ -230,7 +236,9 @@ class ImagePredictor:
                 f"resolution up to {MAX_OUTPUT_PIXELS / 1e6:.0f} megapixels: downscale it first"
             )
         x = self.resized(image)
-        batch = normalize_and_pad([x], self.pixel_mean, self.pixel_std, self.size_divisibility, self.padding_aware)
+        batch = normalize_and_pad(
+            [x], self.pixel_mean, self.pixel_std, self.size_divisibility, self.padding_aware
+        )
         if self.input_size is not None:
             batch = pad_to(batch, self.input_size, self.padding_aware)
         logits, masks, boxes = self.run(batch)
@@ -241,7 +249,10 @@ class ImagePredictor:
         )
 
     def predict_file(
-        self, path: str | os.PathLike, tasks: Iterable[str] | None = None, score_threshold: float | None = None
+        self,
+        path: str | os.PathLike,
+        tasks: Iterable[str] | None = None,
+        score_threshold: float | None = None,
     ) -> tuple[Tensor, Prediction]:
         """``(the image (3, H, W) uint8, its predictions)``; raises DataError for an unreadable image."""
         image = read_image(Path(path))

@@ -20,4 +20,11 @@ from .pixel_decoder import MaskDINOPixelDecoder
 from .postprocess import MaskDINOPostProcessor
 from .predictor import MaskDINOPredictor
 
-__all__ = ["TASKS", "MaskDINO", "MaskDINOPixelDecoder", "MaskDINOPostProcessor", "MaskDINOPredictor", "build_model"]
+__all__ = [
+    "TASKS",
+    "MaskDINO",
+    "MaskDINOPixelDecoder",
+    "MaskDINOPostProcessor",
+    "MaskDINOPredictor",
+    "build_model",
+]

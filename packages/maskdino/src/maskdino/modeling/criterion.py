@@ -47,7 +47,9 @@ class PanopticBoxLoss(BoxLoss):
     ) -> dict[str, Tensor]:
         kept = []
         for t, (src, tgt) in zip(targets, indices):
-            things = torch.isin(t["labels"][tgt], torch.as_tensor(self.thing_classes, device=t["labels"].device))
+            things = torch.isin(
+                t["labels"][tgt], torch.as_tensor(self.thing_classes, device=t["labels"].device)
+            )
             kept.append((src[things.to(src.device)], tgt[things]))
         return super().__call__(pred, targets, kept, num_boxes)
 

@@ -31,7 +31,9 @@ from .predictor import MaskDINOPredictor
 __all__ = ["TASKS", "MaskDINO", "backbone_at_own_sizes", "build_model"]
 
 
-def backbone_at_own_sizes(backbone: nn.Module, batch: PaddedBatch, size_divisibility: int) -> dict[str, Tensor]:
+def backbone_at_own_sizes(
+    backbone: nn.Module, batch: PaddedBatch, size_divisibility: int
+) -> dict[str, Tensor]:
     """Padding-exact features from a backbone that cannot mask padding (Swin: its windows would mix the batch
     padding into the image's tokens).
 
@@ -53,7 +55,9 @@ def backbone_at_own_sizes(backbone: nn.Module, batch: PaddedBatch, size_divisibi
     out: dict[str, Tensor] = {}
     for (h, w), idx in groups.items():
         rows = x[idx, :, :h, :w] if len(idx) < x.shape[0] else x[:, :, :h, :w]
-        for name, f in backbone(PaddedBatch.from_tensor(rows, [(h, w)] * rows.shape[0], masked=False)).items():
+        for name, f in backbone(
+            PaddedBatch.from_tensor(rows, [(h, w)] * rows.shape[0], masked=False)
+        ).items():
             if name not in out:
                 stride = h // f.shape[-2]
                 out[name] = f.new_zeros(x.shape[0], f.shape[1], hp // stride, wp // stride)
@@ -137,7 +141,9 @@ class MaskDINO(nn.Module):
             normalised.append((im.to(self.device, self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std)
         return PaddedBatch.from_images(normalised, self.size_divisibility, masked=self.padding_aware)
 
-    def prepare_targets(self, targets: Sequence[dict[str, Tensor]], batch: PaddedBatch) -> list[dict[str, Tensor]]:
+    def prepare_targets(
+        self, targets: Sequence[dict[str, Tensor]], batch: PaddedBatch
+    ) -> list[dict[str, Tensor]]:
         """User targets -> criterion targets: ``boxes`` normalised cxcywh by the UNPADDED image size (official),
         ``masks`` zero-padded to the batch size, ``labels`` int64."""
         out = []
@@ -164,7 +170,9 @@ class MaskDINO(nn.Module):
         pixel = self.pixel_decoder(self.features(batch), batch)
         return self.predictor(pixel, batch, targets=targets)
 
-    def inference_forward(self, images: Tensor, image_sizes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def inference_forward(
+        self, images: Tensor, image_sizes: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Export-friendly inference graph (tensors in and out, no Python data structures).
 
         Args:
@@ -179,7 +187,9 @@ class MaskDINO(nn.Module):
             image otherwise).
         """
         if image_sizes is None or not self.padding_aware:
-            full = torch.tensor([[images.shape[-2], images.shape[-1]]], dtype=torch.long, device=images.device)
+            full = torch.tensor(
+                [[images.shape[-2], images.shape[-1]]], dtype=torch.long, device=images.device
+            )
             batch = PaddedBatch(images, full.expand(images.shape[0], 2), False)
         else:
             batch = PaddedBatch(images, image_sizes.to(images.device, torch.long), True)
@@ -188,7 +198,11 @@ class MaskDINO(nn.Module):
     def _inference(self, batch: PaddedBatch) -> tuple[Tensor, Tensor, Tensor]:
         final = self.network(batch).final
         assert final.masks is not None and final.boxes is not None
-        return final.logits, batch.replicate_padding(final.masks, self.pixel_decoder.common_stride), final.boxes
+        return (
+            final.logits,
+            batch.replicate_padding(final.masks, self.pixel_decoder.common_stride),
+            final.boxes,
+        )
 
     # ------------------------------------------------------------------------------------ training
     def forward(self, images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None = None):
@@ -245,11 +259,17 @@ class MaskDINO(nn.Module):
             padded = batch.padded_size
             results = []
             for i, (h, w) in enumerate(batch.image_sizes.tolist()):
-                out_size = (h, w) if original_sizes is None else (int(original_sizes[i][0]), int(original_sizes[i][1]))
+                out_size = (
+                    (h, w)
+                    if original_sizes is None
+                    else (int(original_sizes[i][0]), int(original_sizes[i][1]))
+                )
                 # boxes are relative to the valid image in padding-aware mode, to the padded one otherwise
                 box_frame = (h, w) if batch.masked else padded
                 results.append(
-                    self.postprocessor(logits[i], masks[i], boxes[i], padded, (h, w), out_size, box_frame, chosen)
+                    self.postprocessor(
+                        logits[i], masks[i], boxes[i], padded, (h, w), out_size, box_frame, chosen
+                    )
                 )
             return results
         finally:
@@ -260,7 +280,9 @@ def build_model(cfg: MaskDINOConfig) -> MaskDINO:
     """The whole model from a config (backbone weights from ``cfg.backbone.weights`` if set; nothing downloaded)."""
     cfg.validate()
     backbone = build_backbone(cfg.backbone)
-    pixel_decoder = MaskDINOPixelDecoder.from_config(cast(Backbone, backbone).output_shape(), cfg.pixel_decoder)
+    pixel_decoder = MaskDINOPixelDecoder.from_config(
+        cast(Backbone, backbone).output_shape(), cfg.pixel_decoder
+    )
     predictor = MaskDINOPredictor.from_config(cfg)
     return MaskDINO(
         backbone=backbone,

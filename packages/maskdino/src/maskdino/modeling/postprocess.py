@@ -215,7 +215,9 @@ def _instances(
         )
         quality = quality_distinct[[slot[src] for src in source]] if source else quality_distinct
         keep = (scores * quality.to(scores.dtype)) >= score_threshold
-        return _instances(scores[keep], labels[keep], query_idx[keep], mask_logits, boxes, resize, None, chunk)
+        return _instances(
+            scores[keep], labels[keep], query_idx[keep], mask_logits, boxes, resize, None, chunk
+        )
     masks, quality_distinct = _binary_masks_and_quality(
         mask_logits[query_idx[distinct]], resize, chunk=chunk, rows=distinct, num_rows=len(source)
     )
@@ -442,7 +444,9 @@ def postprocess_image(
         boxes = boxes_to_output_size(boxes_cxcywh, frame, image_size, output_size)
         pixels = int(output_size[0]) * int(output_size[1])
         chunk = max(1, min(4, 16_000_000 // max(pixels, 1)))
-        pred.instances = _instances(scores, labels, query_idx, mask_logits, boxes, resize, score_threshold, chunk)
+        pred.instances = _instances(
+            scores, labels, query_idx, mask_logits, boxes, resize, score_threshold, chunk
+        )
     if panoptic_on:
         if thing_classes is None:
             raise ValueError("panoptic inference needs thing_classes")

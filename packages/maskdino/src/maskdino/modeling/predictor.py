@@ -302,7 +302,9 @@ class MaskDINOPredictor(nn.Module):
             layer; their masks are None in eval mode), ``interm`` (two-stage) and in training with denoising
             ``denoising``.
         """
-        masks = [batch.padding_mask(f.shape[-2:], s) for f, s in zip(pixel.multi_scale_features, pixel.strides)]
+        masks = [
+            batch.padding_mask(f.shape[-2:], s) for f, s in zip(pixel.multi_scale_features, pixel.strides)
+        ]
         mask_pad = batch.padding_mask(pixel.mask_features.shape[-2:], pixel.mask_stride)
         memory = self.memory(pixel.multi_scale_features, masks)
         queries = self.select(memory, pixel.mask_features, mask_pad)
@@ -313,5 +315,9 @@ class MaskDINOPredictor(nn.Module):
         if self.training and dn_predictions is None:
             # keep label_enc in the graph when a step has no denoising (DDP needs every parameter used)
             final = levels[-1]
-            levels[-1] = QueryPredictions(final.logits + 0.0 * self.label_enc.weight.sum(), final.boxes, final.masks)
-        return DetectionOutputs(final=levels[-1], aux=levels[:-1], interm=queries.interm, denoising=dn_predictions)
+            levels[-1] = QueryPredictions(
+                final.logits + 0.0 * self.label_enc.weight.sum(), final.boxes, final.masks
+            )
+        return DetectionOutputs(
+            final=levels[-1], aux=levels[:-1], interm=queries.interm, denoising=dn_predictions
+        )
