@@ -25,7 +25,7 @@ from maskdino.checkpoints.weights import save_weights
 from maskdino.cli import main
 from maskdino.config import apply_overrides, get_experiment
 from maskdino.data.coco import read_image
-from maskdino.export import ExportError, export_onnx, export_openvino
+from maskdino.export import ExportError, export_onnx, export_openvino, openvino_from_onnx
 from maskdino.export.runtime import ExportedModel, exported_predictor
 from maskdino.inference.predictor import ImagePredictor, load_model
 
@@ -204,6 +204,13 @@ def test_bad_inputs_are_named(loaded, weights, exported, tmp_path, capsys):
     garbage.write_bytes(b"not a model")
     with pytest.raises(ExportError, match="not a valid ONNX model"):
         ExportedModel(garbage)
+    # the same checks where OpenVINO reads the ONNX file (one metadata reader serves both)
+    with pytest.raises(ExportError, match="not exported by maskdino"):
+        ExportedModel(foreign, backend="openvino")
+    with pytest.raises(ExportError, match="not exported by maskdino"):
+        openvino_from_onnx(foreign, tmp_path / "foreign.xml")
+    with pytest.raises(ExportError, match="not a readable ONNX model"):
+        openvino_from_onnx(garbage, tmp_path / "garbage.xml")
     # through the CLI: one line, exit 2
     assert main(["export", "--weights", str(weights), "--format", "onnx", "--output", str(tmp_path / "y.onnx"),
                  "--height", "90", "--width", "160"]) == 2  # fmt: skip

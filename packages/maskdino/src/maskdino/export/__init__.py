@@ -8,7 +8,7 @@ onnx, onnxscript, onnxruntime and openvino are optional (``pip install "maskdino
 never needs them.
 """
 
-from .metadata import ExportError, ExportMetadata
+from .metadata import ExportError, ExportMetadata, read_onnx_metadata
 from .onnx import default_size, export_onnx, export_openvino, openvino_from_onnx
 
 __all__ = [
@@ -18,4 +18,5 @@ __all__ = [
     "export_onnx",
     "export_openvino",
     "openvino_from_onnx",
+    "read_onnx_metadata",
 ]

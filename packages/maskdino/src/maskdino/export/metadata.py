@@ -8,15 +8,28 @@ read it.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from ..config import ExperimentConfig
 from ..data.coco import DatasetMetadata
 
-__all__ = ["FORMAT_VERSION", "INPUT_NAMES", "OUTPUT_NAMES", "ExportError", "ExportMetadata", "Precision"]
+__all__ = [
+    "FORMAT_VERSION",
+    "INPUT_NAMES",
+    "METADATA_KEY",
+    "OUTPUT_NAMES",
+    "ExportError",
+    "ExportMetadata",
+    "Precision",
+    "read_onnx_metadata",
+    "write_onnx_metadata",
+]
 
 FORMAT_VERSION = 1
+#: the key of the metadata JSON in ONNX ``metadata_props`` and OpenVINO ``rt_info``
+METADATA_KEY = "maskdino"
 INPUT_NAMES = ("images", "image_sizes")
 OUTPUT_NAMES = ("pred_logits", "pred_masks", "pred_boxes")
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -117,3 +130,28 @@ class ExportMetadata:
             return cls(**data)
         except TypeError as e:
             raise ExportError(f"{source}: incomplete maskdino metadata ({e})") from None
+
+
+def write_onnx_metadata(onnx_model: Any, metadata: ExportMetadata) -> None:
+    """Replace the ``metadata_props`` of the ``onnx.ModelProto`` ``onnx_model`` with ``metadata``."""
+    import onnx
+
+    del onnx_model.metadata_props[:]
+    onnx_model.metadata_props.append(onnx.StringStringEntryProto(key=METADATA_KEY, value=metadata.to_json()))
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> ExportMetadata:
+    """The metadata of the ONNX file ``path`` (its weights are not read).
+
+    Raises ExportError when the file is not ONNX or was not exported by maskdino."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError, ValueError) as e:
+        raise ExportError(f"{path} is not a readable ONNX model: {str(e).splitlines()[0] if str(e) else e!r}") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    if METADATA_KEY not in props:
+        raise ExportError(f"{path} was not exported by maskdino (no {METADATA_KEY} metadata)")
+    return ExportMetadata.from_json(props[METADATA_KEY], str(path))

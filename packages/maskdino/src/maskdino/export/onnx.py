@@ -21,7 +21,15 @@ import torch
 from torch import Tensor, nn
 
 from ..inference.predictor import LoadedModel
-from .metadata import INPUT_NAMES, OUTPUT_NAMES, ExportError, ExportMetadata
+from .metadata import (
+    INPUT_NAMES,
+    METADATA_KEY,
+    OUTPUT_NAMES,
+    ExportError,
+    ExportMetadata,
+    read_onnx_metadata,
+    write_onnx_metadata,
+)
 
 __all__ = ["OPSET", "default_size", "export_onnx", "export_openvino", "openvino_from_onnx"]
 
@@ -104,14 +112,6 @@ def _export_program(
         )
 
 
-def _set_metadata(onnx_model: Any, metadata: ExportMetadata) -> None:
-    import onnx
-
-    del onnx_model.metadata_props[:]
-    entry = onnx.StringStringEntryProto(key="maskdino", value=metadata.to_json())
-    onnx_model.metadata_props.append(entry)
-
-
 def export_onnx(
     loaded: LoadedModel,
     path: str | os.PathLike,
@@ -157,7 +157,7 @@ def export_onnx(
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         onnx_model = convert_float_to_float16(onnx_model, keep_io_types=True, disable_shape_infer=True)
-    _set_metadata(onnx_model, metadata)
+    write_onnx_metadata(onnx_model, metadata)
     _save_onnx(onnx_model, Path(path))
     return metadata
 
@@ -206,7 +206,6 @@ def openvino_from_onnx(
 ) -> ExportMetadata:
     """Convert a float32 ONNX file written by :func:`export_onnx` to the OpenVINO IR ``path`` (``.xml`` + ``.bin``)
     with ``precision`` as its inference precision hint (see :func:`export_openvino`)."""
-    import onnx
     import openvino as ov
 
     path = Path(path)
@@ -214,15 +213,12 @@ def openvino_from_onnx(
         raise ExportError(f"{path}: an OpenVINO model is written as .xml (+ .bin)")
     if precision not in ("fp32", "bf16", "fp16"):
         raise ExportError(f"--precision {precision}: expected fp32, bf16 or fp16 for OpenVINO")
-    props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
-    if "maskdino" not in props:
-        raise ExportError(f"{onnx_path} was not exported by maskdino (no maskdino metadata)")
-    metadata = ExportMetadata.from_json(props["maskdino"], str(onnx_path))
+    metadata = read_onnx_metadata(onnx_path)
     if metadata.precision != "fp32":
         raise ExportError(f"{onnx_path} is a {metadata.precision} ONNX model; OpenVINO converts the fp32 one")
     metadata.precision = precision
     ov_model = ov.convert_model(str(onnx_path))
-    ov_model.set_rt_info(metadata.to_json(), "maskdino")
+    ov_model.set_rt_info(metadata.to_json(), METADATA_KEY)
     path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(ov_model, str(path), compress_to_fp16=precision == "fp16")
     return metadata

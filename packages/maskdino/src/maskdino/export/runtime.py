@@ -23,7 +23,7 @@ from ..data.transforms import ResizeShortestEdge
 from ..inference.predictor import ImagePredictor, RawOutputs
 from ..modeling.postprocess import MaskDINOPostProcessor
 from ..modeling.precision import native_bf16
-from .metadata import INPUT_NAMES, ExportError, ExportMetadata
+from .metadata import INPUT_NAMES, METADATA_KEY, ExportError, ExportMetadata, read_onnx_metadata
 
 __all__ = ["BACKENDS", "ExportedModel", "exported_predictor"]
 
@@ -70,7 +70,7 @@ class ExportedModel:
             self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for unreadable files
             raise ExportError(f"{self.path} is not a valid ONNX model: {str(e).splitlines()[0]}") from None
-        meta = self._session.get_modelmeta().custom_metadata_map.get("maskdino")
+        meta = self._session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if meta is None:
             raise ExportError(f"{self.path} was not exported by maskdino (no maskdino metadata)")
         self._input_names = [i.name for i in self._session.get_inputs()]
@@ -86,21 +86,12 @@ class ExportedModel:
             raise ExportError(
                 f"{self.path} is not a valid OpenVINO/ONNX model: {str(e).splitlines()[0]}"
             ) from None
-        if model.has_rt_info("maskdino"):
-            text = model.get_rt_info("maskdino").astype(str)
+        if model.has_rt_info(METADATA_KEY):
+            metadata = ExportMetadata.from_json(model.get_rt_info(METADATA_KEY).astype(str), str(self.path))
+        elif self.path.suffix == ".onnx":  # an .onnx file read by OpenVINO: its ONNX metadata
+            metadata = read_onnx_metadata(self.path)
         else:
-            # an .onnx file read by OpenVINO: its ONNX metadata
-            text = None
-            if self.path.suffix == ".onnx":
-                import onnx
-
-                props = {
-                    p.key: p.value for p in onnx.load(str(self.path), load_external_data=False).metadata_props
-                }
-                text = props.get("maskdino")
-            if text is None:
-                raise ExportError(f"{self.path} was not exported by maskdino (no maskdino metadata)")
-        metadata = ExportMetadata.from_json(text, str(self.path))
+            raise ExportError(f"{self.path} was not exported by maskdino (no {METADATA_KEY} metadata)")
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[
             metadata.precision
         ]}  # fmt: skip
