@@ -150,7 +150,9 @@ def read_onnx_metadata(path: str | os.PathLike) -> ExportMetadata:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, OSError, ValueError) as e:
-        raise ExportError(f"{path} is not a readable ONNX model: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        raise ExportError(
+            f"{path} is not a readable ONNX model: {str(e).splitlines()[0] if str(e) else e!r}"
+        ) from None
     props = {p.key: p.value for p in model.metadata_props}
     if METADATA_KEY not in props:
         raise ExportError(f"{path} was not exported by maskdino (no {METADATA_KEY} metadata)")
