@@ -335,6 +335,45 @@ def test_xavier_init_deformable_keeps_the_attention_init():
     assert isinstance(attn, MSDeformAttn)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_post_norm_ffn_cpu_inference_path_under_bf16_autocast(monkeypatch, x_dtype):
+    # under CPU autocast the chunked path runs too (products in bfloat16, the residual promoted as autocast's
+    # x + linear2(...) is) and agrees with the plain autocast computation to bfloat16 rounding
+    from detr_core import layers
+
+    calls = []
+    fast_fn = layers._ffn_inference_cpu
+    monkeypatch.setattr(layers, "_ffn_inference_cpu", lambda *a: calls.append(a[-1]) or fast_fn(*a))
+    torch.manual_seed(0)
+    layer = DeformableEncoderLayer(**_kw()).eval()
+    x = torch.randn(1, layers._FFN_CHUNK_ROWS + 5, C).to(x_dtype)
+
+    def run():
+        return layers.post_norm_ffn(
+            x, layer.linear1, layer.activation, layer.dropout2, layer.linear2, layer.dropout3, layer.norm2
+        )
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.enable_grad():
+            plain = run().detach()
+        assert not calls
+        with torch.inference_mode():
+            fast = run()
+    assert calls == [torch.bfloat16]
+    assert fast.dtype == plain.dtype
+    # float64 of the same computation: bfloat16 inputs and weights, float32-accurate products
+    bf = [t.to(torch.bfloat16).double() for t in (x, layer.linear1.weight, layer.linear1.bias)]
+    hidden = torch.relu(bf[0] @ bf[1].t() + bf[2]).to(torch.bfloat16).double()
+    w2, b2 = (t.to(torch.bfloat16).double() for t in (layer.linear2.weight, layer.linear2.bias))
+    pre = x.double() + (hidden @ w2.t() + b2)
+    expected = torch.nn.functional.layer_norm(
+        pre, (C,), layer.norm2.weight.double(), layer.norm2.bias.double()
+    )
+    tol = 0.03 if x_dtype == torch.bfloat16 else 0.01  # a few bfloat16 steps of O(1) normalised values
+    torch.testing.assert_close(fast.double(), expected, atol=tol, rtol=0)
+    torch.testing.assert_close(plain.double(), expected, atol=tol, rtol=0)
+
+
 def test_post_norm_ffn_cpu_inference_path_matches_autograd_path():
     # the chunked, in-place inference path (several chunks + a partial one) gives the same values as the plain one
     from detr_core import layers

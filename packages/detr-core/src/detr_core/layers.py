@@ -66,30 +66,35 @@ def post_norm_ffn(
     The layers own the modules (so their parameter names stay ``linear1``/``linear2``/``norm*`` as in the official
     checkpoints); this is only the shared computation. ``x``: ``(..., C)`` -> ``(..., C)``.
 
-    CPU inference (no autograd, no autocast, ReLU, dropouts in eval mode) takes :func:`_ffn_inference_cpu`,
-    which gives the same values with far less memory traffic.
+    CPU inference (no autograd, ReLU, dropouts in eval mode; float32 or under CPU autocast) takes
+    :func:`_ffn_inference_cpu`, which gives the same values with far less memory traffic.
     """
     if (
         x.device.type == "cpu"
         and activation is F.relu
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
-        and not torch.is_autocast_enabled("cpu")
         and not (dropout_hidden.training or dropout_out.training)
         and type(linear1) is nn.Linear
         and type(linear2) is nn.Linear
         and linear1.bias is not None
         and linear2.bias is not None
-        and x.dtype == linear1.weight.dtype
     ):
-        return norm(_ffn_inference_cpu(x, linear1, linear2))
+        if not torch.is_autocast_enabled("cpu"):
+            if x.dtype == linear1.weight.dtype:
+                return norm(_ffn_inference_cpu(x, linear1, linear2))
+        elif linear1.weight.dtype == torch.float32:
+            # autocast: the products in its dtype, the residual sum promoted as ``x + linear2(...)`` would be
+            return norm(_ffn_inference_cpu(x, linear1, linear2, torch.get_autocast_dtype("cpu")))
     return norm(x + dropout_out(linear2(dropout_hidden(activation(linear1(x))))))
 
 
 _FFN_CHUNK_ROWS = 2048
 
 
-def _ffn_inference_cpu(x: Tensor, linear1: nn.Linear, linear2: nn.Linear) -> Tensor:
+def _ffn_inference_cpu(
+    x: Tensor, linear1: nn.Linear, linear2: nn.Linear, compute_dtype: torch.dtype | None = None
+) -> Tensor:
     """``x + linear2(relu(linear1(x)))`` for inference on CPU, ``_FFN_CHUNK_ROWS`` tokens at a time.
 
     Why: the hidden ``(tokens, d_ffn)`` activation is the largest tensor of a layer (165 MB for the pixel
@@ -101,22 +106,32 @@ def _ffn_inference_cpu(x: Tensor, linear1: nn.Linear, linear2: nn.Linear) -> Ten
 
     Args:
         x: ``(..., C)``. linear1: ``C -> F``. linear2: ``F -> C``.
+        compute_dtype: None: everything in ``x.dtype``. A dtype (CPU autocast's, bfloat16 or float16): the two
+            products take ``x`` and the weights cast to it, as autocast's ``F.linear`` would, and the residual
+            sum is ``x``'s dtype promoted with it (float32 for a float32 ``x``), as ``x + linear2(...)``.
 
     Returns:
         ``(..., C)`` (before the norm).
     """
     flat = x.reshape(-1, x.shape[-1])
     rows = flat.shape[0]
-    out = torch.empty((rows, linear2.out_features), dtype=x.dtype)
-    buf = torch.empty((min(rows, _FFN_CHUNK_ROWS), linear1.out_features), dtype=x.dtype)
-    w1, w2 = linear1.weight.t(), linear2.weight.t()
-    for start in range(0, rows, _FFN_CHUNK_ROWS):
-        stop = min(start + _FFN_CHUNK_ROWS, rows)
-        hidden = buf[: stop - start]
-        torch.addmm(linear1.bias, flat[start:stop], w1, out=hidden)
-        hidden.relu_()
-        torch.addmm(linear2.bias, hidden, w2, out=out[start:stop])
-    out += flat
+    dt = x.dtype if compute_dtype is None else compute_dtype
+    w1, w2 = linear1.weight.to(dt).t(), linear2.weight.to(dt).t()
+    b1, b2 = linear1.bias.to(dt), linear2.bias.to(dt)
+    src = flat.to(dt)
+    with torch.autocast("cpu", enabled=False):  # explicit dtypes and out= below: no autocast dispatch
+        out = torch.empty((rows, linear2.out_features), dtype=dt)
+        buf = torch.empty((min(rows, _FFN_CHUNK_ROWS), linear1.out_features), dtype=dt)
+        for start in range(0, rows, _FFN_CHUNK_ROWS):
+            stop = min(start + _FFN_CHUNK_ROWS, rows)
+            hidden = buf[: stop - start]
+            torch.addmm(b1, src[start:stop], w1, out=hidden)
+            hidden.relu_()
+            torch.addmm(b2, hidden, w2, out=out[start:stop])
+        if out.dtype == torch.promote_types(flat.dtype, dt):
+            out += flat
+        else:
+            out = flat + out
     return out.view(*x.shape[:-1], linear2.out_features)
 
 
