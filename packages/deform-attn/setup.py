@@ -21,6 +21,7 @@ import shutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXT_NAME = "deform_attn._C"
@@ -99,5 +100,18 @@ def _extensions():
     return [ext], {"build_ext": _BuildOrFallback.with_options(use_ninja=True)}
 
 
+class _BuildPyWithSources(build_py):
+    """Also install the C++ sources that `deform_attn.openvino` compiles on first use (as deform_attn/_csrc):
+    the OpenVINO extension is built against the OpenVINO installed at run time, not at build time."""
+
+    def run(self):
+        super().run()
+        for sub in ("cpu", "openvino"):
+            dst = os.path.join(self.build_lib, "deform_attn", "_csrc", sub)
+            os.makedirs(dst, exist_ok=True)
+            for f in sorted(glob.glob(os.path.join(HERE, "csrc", sub, "*"))):
+                shutil.copy2(f, dst)
+
+
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass={**cmdclass, "build_py": _BuildPyWithSources})

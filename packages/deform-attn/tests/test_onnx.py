@@ -1,5 +1,5 @@
 """ONNX export of the op (deform_attn.onnx): standard operators only, checked with onnxruntime and OpenVINO
-against PyTorch, both translation forms, fixed and dynamic sizes."""
+against PyTorch, both standard translation forms, fixed and dynamic sizes (the custom form: test_openvino.py)."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def _check(proto, method: str) -> None:
     assert ("GridSample" in names) == (method == "grid_sample"), names
 
 
-@pytest.mark.parametrize("method", deform_attn.onnx.METHODS)
+@pytest.mark.parametrize("method", deform_attn.onnx.STANDARD_METHODS)
 def test_export_fixed_size(method, tmp_path):
     model, args = _module(), _inputs(2, 5, LEVELS)
     path = tmp_path / f"{method}.onnx"
@@ -99,7 +99,7 @@ def test_export_fixed_size(method, tmp_path):
         np.testing.assert_allclose(ov_out, expected, rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("method", deform_attn.onnx.METHODS)
+@pytest.mark.parametrize("method", deform_attn.onnx.STANDARD_METHODS)
 def test_export_dynamic_sizes(method, tmp_path):
     """Exported at one size, run at another batch, query count and feature-map sizes (the level table is
     read from the spatial_shapes / level_start_index inputs at run time)."""
@@ -122,7 +122,7 @@ class _HalfValue(torch.nn.Module):
         return deform_attn.ms_deform_attn(value.half(), shapes, starts, loc, attn).float()
 
 
-@pytest.mark.parametrize("method", deform_attn.onnx.METHODS)
+@pytest.mark.parametrize("method", deform_attn.onnx.STANDARD_METHODS)
 def test_export_mixed_half_value(method, tmp_path):
     g = torch.Generator().manual_seed(3)
     shapes, starts, s = level_table(LEVELS)

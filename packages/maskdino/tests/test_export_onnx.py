@@ -231,3 +231,51 @@ def test_bad_inputs_are_named(loaded, weights, exported, tmp_path, capsys):
         == 2
     )
     assert "--backend onnxruntime runs --model" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def custom_exported(loaded, tmp_path_factory):
+    """The custom op form: one deform_attn::MSDeformAttn node per attention, fixed (ONNX + IR) and dynamic."""
+    import deform_attn.openvino
+
+    try:
+        deform_attn.openvino.extension_path()
+    except deform_attn.openvino.ExtensionBuildError as e:  # e.g. no C++ compiler on this machine
+        pytest.skip(f"the deform_attn OpenVINO extension cannot be built here: {e}")
+    out = tmp_path_factory.mktemp("custom")
+    export_onnx(loaded, out / "fixed.onnx", 96, 160, op_form="custom")
+    export_openvino(loaded, out / "fixed.xml", 96, 160, op_form="custom")
+    export_onnx(loaded, out / "dynamic.onnx", 96, 160, dynamic=True, op_form="custom")
+    return out
+
+
+def test_custom_op_form_runs_in_openvino_and_matches_pytorch(loaded, custom_exported):
+    import onnx
+
+    model = onnx.load(str(custom_exported / "fixed.onnx"))
+    nodes = [n for n in model.graph.node if n.domain == "deform_attn"]
+    # tiny preset: every encoder and decoder layer has one, nothing else is outside the standard domain
+    assert nodes and {n.op_type for n in nodes} == {"MSDeformAttn"}
+    assert not any(n.op_type == "GridSample" for n in model.graph.node)
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx", "deform_attn"}
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(1, 3, 96, 160, generator=g)
+    for name in ("fixed.onnx", "fixed.xml", "dynamic.onnx"):
+        exported = ExportedModel(custom_exported / name, backend="openvino")
+        assert exported.metadata.op_form == "custom"
+        for sizes in ([[96, 160]], [[80, 131]]):
+            s = torch.tensor(sizes)
+            _close(exported(images, s), _raw(loaded, images, s))
+    dyn = ExportedModel(custom_exported / "dynamic.onnx", backend="openvino")
+    images2 = torch.randn(2, 3, 128, 96, generator=g)
+    s = torch.tensor([[128, 96], [100, 70]])
+    _close(dyn(images2, s), _raw(loaded, images2, s))
+
+
+def test_custom_op_form_errors_are_named(loaded, custom_exported, tmp_path):
+    with pytest.raises(ExportError, match="only OpenVINO runs"):
+        ExportedModel(custom_exported / "fixed.onnx", backend="onnxruntime")
+    with pytest.raises(ExportError, match="float32"):
+        export_onnx(loaded, tmp_path / "x.onnx", 96, 160, precision="fp16", op_form="custom")
+    with pytest.raises(ExportError, match="op form 'plugin'"):
+        export_onnx(loaded, tmp_path / "x.onnx", 96, 160, op_form="plugin")  # type: ignore[arg-type]

@@ -118,8 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=_positive_int, help="fixed input width")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--op-form", choices=["grid_sample", "gather"], default="grid_sample",
-                   help="deformable attention in ONNX: GridSample per level, or Gather + arithmetic (for TensorRT)")  # fmt: skip
+    p.add_argument("--op-form", choices=["grid_sample", "gather", "custom"], default="grid_sample",
+                   help="deformable attention in ONNX: GridSample per level, Gather + arithmetic (for TensorRT), or "
+                   "custom: one deform_attn::MSDeformAttn node that OpenVINO runs with the op's own kernels "
+                   "(compiled on first use; fastest, OpenVINO only)")  # fmt: skip
 
     p = sub.add_parser(
         "convert", help="convert an official Mask DINO checkpoint (arguments: see maskdino convert -h)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from ..config import ExperimentConfig
@@ -51,7 +52,7 @@ class ExportMetadata:
         padding_mode: ``aware`` (the ``image_sizes`` input masks the padding) or ``official`` (padding is content).
         test_resize, test_short_edge, test_max_size: the test-time resize (:class:`ResizeShortestEdge`).
         precision: ``fp32`` / ``bf16`` / ``fp16``: the precision the runtime is asked to run in.
-        op_form: how the deformable attention op was written in ONNX (``grid_sample`` or ``gather``).
+        op_form: how the deformable attention op was written in ONNX (``grid_sample``, ``gather`` or ``custom``).
         postprocess: :class:`~maskdino.modeling.postprocess.MaskDINOPostProcessor` keyword arguments.
         classes: the dataset metadata (class names, ids, things), :meth:`DatasetMetadata.to_dict`.
         inputs, outputs: tensor names, in order.
@@ -157,3 +158,19 @@ def read_onnx_metadata(path: str | os.PathLike) -> ExportMetadata:
     if METADATA_KEY not in props:
         raise ExportError(f"{path} was not exported by maskdino (no {METADATA_KEY} metadata)")
     return ExportMetadata.from_json(props[METADATA_KEY], str(path))
+
+
+#: how the deformable attention op is written in the exported graph (see :func:`maskdino.export.export_onnx`)
+OpForm = Literal["grid_sample", "gather", "custom"]
+OP_FORMS: tuple[str, ...] = ("grid_sample", "gather", "custom")
+
+
+def openvino_extension() -> Path:
+    """The OpenVINO library that runs the ``custom`` op form's ``deform_attn::MSDeformAttn`` nodes (compiled on
+    first use by :func:`deform_attn.openvino.extension_path`)."""
+    import deform_attn.openvino
+
+    try:
+        return deform_attn.openvino.extension_path()
+    except deform_attn.openvino.ExtensionBuildError as e:
+        raise ExportError(f"--op-form custom needs the deform_attn OpenVINO extension: {e}") from None

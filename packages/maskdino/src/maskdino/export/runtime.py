@@ -23,7 +23,17 @@ from ..data.transforms import ResizeShortestEdge
 from ..inference.predictor import ImagePredictor, RawOutputs
 from ..modeling.postprocess import MaskDINOPostProcessor
 from ..modeling.precision import native_bf16
-from .metadata import INPUT_NAMES, METADATA_KEY, ExportError, ExportMetadata, read_onnx_metadata
+from .metadata import (
+    INPUT_NAMES,
+    METADATA_KEY,
+    ExportError,
+    ExportMetadata,
+    openvino_extension,
+    read_onnx_metadata,
+)
+
+#: the node of the ``custom`` op form (deform_attn.onnx.translation_table("custom"))
+_CUSTOM_NODE = "MSDeformAttn"
 
 __all__ = ["BACKENDS", "ExportedModel", "exported_predictor"]
 
@@ -69,6 +79,11 @@ class ExportedModel:
         try:
             self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for unreadable files
+            if _CUSTOM_NODE in str(e):
+                raise ExportError(
+                    f"{self.path} was exported with --op-form custom (deform_attn::{_CUSTOM_NODE} nodes), which "
+                    "only OpenVINO runs: use --backend openvino, or export with --op-form grid_sample"
+                ) from None
             raise ExportError(f"{self.path} is not a valid ONNX model: {str(e).splitlines()[0]}") from None
         meta = self._session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if meta is None:
@@ -81,7 +96,16 @@ class ExportedModel:
 
         core = ov.Core()
         try:
-            model = core.read_model(str(self.path))
+            try:
+                model = core.read_model(str(self.path))
+            except Exception as e:
+                if _CUSTOM_NODE not in str(e):
+                    raise
+                # the custom op form: its nodes need the deform_attn extension
+                core.add_extension(str(openvino_extension()))
+                model = core.read_model(str(self.path))
+        except ExportError:
+            raise
         except Exception as e:
             raise ExportError(
                 f"{self.path} is not a valid OpenVINO/ONNX model: {str(e).splitlines()[0]}"
