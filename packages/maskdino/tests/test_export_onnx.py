@@ -279,3 +279,21 @@ def test_custom_op_form_errors_are_named(loaded, custom_exported, tmp_path):
         export_onnx(loaded, tmp_path / "x.onnx", 96, 160, precision="fp16", op_form="custom")
     with pytest.raises(ExportError, match="op form 'plugin'"):
         export_onnx(loaded, tmp_path / "x.onnx", 96, 160, op_form="plugin")  # type: ignore[arg-type]
+
+
+def test_cli_export_custom_op_form_and_predict_with_openvino(weights, custom_exported, tmp_path):
+    from PIL import Image
+
+    photo = tmp_path / "p.png"
+    Image.fromarray((np.random.default_rng(1).random((70, 110, 3)) * 255).astype(np.uint8)).save(photo)
+    out = tmp_path / "m.xml"
+    assert main(["export", "--weights", str(weights), "--format", "openvino", "--output", str(out),
+                 "--height", "96", "--width", "160", "--op-form", "custom"]) == 0  # fmt: skip
+    results = {}
+    for backend, args in {"torch": ["--weights", str(weights)], "openvino": ["--model", str(out)]}.items():
+        dest = tmp_path / backend
+        argv = ["predict", str(photo), "--backend", backend, *args, "--out", str(dest), "--score-threshold", "0.05"]  # fmt: skip
+        assert main(argv) == 0
+        results[backend] = json.loads((dest / "predictions.json").read_text())
+    assert [r["category_id"] for r in results["openvino"]] == [r["category_id"] for r in results["torch"]]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(results["openvino"], results["torch"])) <= 1e-4
