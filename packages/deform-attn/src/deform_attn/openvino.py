@@ -30,6 +30,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -117,6 +118,11 @@ def extension_path(rebuild: bool = False, verbose: bool = False) -> Path:
         f"-I{include}", *(str(src / f) for f in _SOURCES),
         f"-L{libs}", *(f"-l:{p.name}" for p in needed), f"-Wl,-rpath,{libs}",
     ]  # fmt: skip
+    # one line on stderr, as torch's cpp_extension builds say: the first use waits for the compiler (~1 min)
+    print(
+        f"deform_attn: compiling the OpenVINO extension {out.name} (first use, about a minute)",
+        file=sys.stderr,
+    )
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         target = Path(tmp) / out.name
         proc = subprocess.run([*cmd, "-o", str(target)], capture_output=True, text=True)
