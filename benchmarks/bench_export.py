@@ -143,24 +143,25 @@ def export_all(
 
     files = model_files(workdir)
     times: dict[str, float] = {}
+
+    def convert(source: str, targets: tuple[str, ...]) -> None:
+        for name in targets:
+            if name in names:
+                t0 = time.perf_counter()
+                openvino_from_onnx(files[source], files[name], name.split("-")[1])  # type: ignore[arg-type]
+                times[f"convert_{name}_s"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     export_onnx(loaded, files["onnxruntime-fp32"], h, w, dynamic=False, op_form=op_form)  # type: ignore[arg-type]
     times["export_onnx_s"] = time.perf_counter() - t0
-    for name in ("openvino-fp32", "openvino-bf16"):
-        if name in names:
-            t0 = time.perf_counter()
-            openvino_from_onnx(files["onnxruntime-fp32"], files[name], name.split("-")[1])  # type: ignore[arg-type]
-            times[f"convert_{name}_s"] = time.perf_counter() - t0
+    convert("onnxruntime-fp32", ("openvino-fp32", "openvino-bf16"))
     times["onnx_mb"] = files["onnxruntime-fp32"].stat().st_size / 2**20
-    custom = [n for n in ("openvino-fp32-custom", "openvino-bf16-custom") if n in names]
-    if custom:
+    custom = ("openvino-fp32-custom", "openvino-bf16-custom")
+    if any(n in names for n in custom):
         t0 = time.perf_counter()
         export_onnx(loaded, files["custom-onnx"], h, w, dynamic=False, op_form="custom")
         times["export_onnx_custom_s"] = time.perf_counter() - t0  # includes building the extension once
-        for name in custom:
-            t0 = time.perf_counter()
-            openvino_from_onnx(files["custom-onnx"], files[name], name.split("-")[1])  # type: ignore[arg-type]
-            times[f"convert_{name}_s"] = time.perf_counter() - t0
+        convert("custom-onnx", custom)
     return times
 
 

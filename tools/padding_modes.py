@@ -1,13 +1,13 @@
 """Batch invariance of the two padding modes: one image alone against the same image padded beside a larger one.
 
-``padding_mode="aware"`` masks the padding everywhere it enters (backbone normalisation-free stages excepted:
-ResNet's convolutions see zeros either way), so an image's prediction should not depend on what it is batched
-with; ``"official"`` treats the padding as image content, as the released code does. For each mode this builds the
-model from the weights' config with that mode, predicts every image of a folder alone and then in a batch of two
-beside a larger image (so it is padded on the right and the bottom), and reports the largest raw-output differences
-and how the final instances agree.
+``padding_mode="aware"`` keeps the padding out of every computation that mixes positions (normalisation statistics,
+attention, positional encodings), so an image's prediction should not depend on what it is batched with;
+``"official"`` treats the padding as image content, as the released code does. For each mode this builds the model
+from the weights' config with that mode, predicts every image of a folder alone and then in a batch of two beside a
+larger image (so it is padded on the right and the bottom), and reports the largest raw-output differences and how
+the final instances agree.
 
-    python -m tools.padding_modes --weights outputs/demo/train/model_final.pth --images outputs/demo/data/val
+    python -m tools.padding_modes --weights outputs/demo/train/model_final.pth --images outputs/demo/data/val/images
 """
 
 from __future__ import annotations
@@ -97,7 +97,6 @@ def main() -> None:
     args = parser.parse_args()
     paths = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     paths = paths[: args.limit]
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = {}
     print(
         f"{len(paths)} images of {args.images}, each alone and beside one {args.pad_by} px taller and wider"

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
+
+import deform_attn.onnx
 
 from ..config import ExperimentConfig
 from ..data.coco import DatasetMetadata
@@ -160,17 +161,7 @@ def read_onnx_metadata(path: str | os.PathLike) -> ExportMetadata:
     return ExportMetadata.from_json(props[METADATA_KEY], str(path))
 
 
-#: how the deformable attention op is written in the exported graph (see :func:`maskdino.export.export_onnx`)
+#: how the deformable attention op is written in the exported graph (see :func:`maskdino.export.export_onnx`):
+#: the translations of ``deform_attn.onnx``
 OpForm = Literal["grid_sample", "gather", "custom"]
-OP_FORMS: tuple[str, ...] = ("grid_sample", "gather", "custom")
-
-
-def openvino_extension() -> Path:
-    """The OpenVINO library that runs the ``custom`` op form's ``deform_attn::MSDeformAttn`` nodes (compiled on
-    first use by :func:`deform_attn.openvino.extension_path`)."""
-    import deform_attn.openvino
-
-    try:
-        return deform_attn.openvino.extension_path()
-    except deform_attn.openvino.ExtensionBuildError as e:
-        raise ExportError(f"--op-form custom needs the deform_attn OpenVINO extension: {e}") from None
+OP_FORMS: tuple[str, ...] = deform_attn.onnx.METHODS

@@ -31,10 +31,10 @@ from .metadata import (
     ExportError,
     ExportMetadata,
     OpForm,
-    openvino_extension,
     read_onnx_metadata,
     write_onnx_metadata,
 )
+from .runtime import openvino_extension
 
 __all__ = ["OPSET", "default_size", "export_onnx", "export_openvino", "openvino_from_onnx"]
 
@@ -138,7 +138,7 @@ def export_onnx(
             with fast float16, e.g. GPUs). bfloat16 ONNX is not supported by onnxruntime's CPU provider: use OpenVINO.
         op_form: ``grid_sample``, ``gather`` (no GridSample; for TensorRT) or ``custom`` (one
             ``deform_attn::MSDeformAttn`` node per attention, run by OpenVINO with the library of
-            ``deform_attn.openvino``, ~10x faster than the decompositions; onnxruntime cannot run it).
+            ``deform_attn.openvino``; the fastest OpenVINO model on CPU; onnxruntime cannot run it).
 
     Returns:
         The metadata written into the file.

@@ -17,28 +17,30 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from deform_attn.onnx import CUSTOM_DOMAIN, CUSTOM_OP_TYPE
 from detr_core.padding import PaddedBatch
 
 from ..data.transforms import ResizeShortestEdge
 from ..inference.predictor import ImagePredictor, RawOutputs
 from ..modeling.postprocess import MaskDINOPostProcessor
 from ..modeling.precision import native_bf16
-from .metadata import (
-    INPUT_NAMES,
-    METADATA_KEY,
-    ExportError,
-    ExportMetadata,
-    openvino_extension,
-    read_onnx_metadata,
-)
+from .metadata import INPUT_NAMES, METADATA_KEY, ExportError, ExportMetadata, read_onnx_metadata
 
-#: the node of the ``custom`` op form (deform_attn.onnx.translation_table("custom"))
-_CUSTOM_NODE = "MSDeformAttn"
-
-__all__ = ["BACKENDS", "ExportedModel", "exported_predictor"]
+__all__ = ["BACKENDS", "ExportedModel", "exported_predictor", "openvino_extension"]
 
 Backend = Literal["onnxruntime", "openvino"]
 BACKENDS: tuple[Backend, ...] = ("onnxruntime", "openvino")
+
+
+def openvino_extension() -> Path:
+    """The OpenVINO library that runs the ``custom`` op form's nodes (compiled on first use by
+    :func:`deform_attn.openvino.extension_path`)."""
+    import deform_attn.openvino
+
+    try:
+        return deform_attn.openvino.extension_path()
+    except deform_attn.openvino.ExtensionBuildError as e:
+        raise ExportError(f"--op-form custom needs the deform_attn OpenVINO extension: {e}") from None
 
 
 class ExportedModel:
@@ -79,10 +81,10 @@ class ExportedModel:
         try:
             self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for unreadable files
-            if _CUSTOM_NODE in str(e):
+            if CUSTOM_OP_TYPE in str(e):
                 raise ExportError(
-                    f"{self.path} was exported with --op-form custom (deform_attn::{_CUSTOM_NODE} nodes), which "
-                    "only OpenVINO runs: use --backend openvino, or export with --op-form grid_sample"
+                    f"{self.path} was exported with --op-form custom ({CUSTOM_DOMAIN}::{CUSTOM_OP_TYPE} nodes), "
+                    "which only OpenVINO runs: use --backend openvino, or export with --op-form grid_sample"
                 ) from None
             raise ExportError(f"{self.path} is not a valid ONNX model: {str(e).splitlines()[0]}") from None
         meta = self._session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
@@ -94,22 +96,20 @@ class ExportedModel:
     def _load_openvino(self, threads: int | None) -> ExportMetadata:
         import openvino as ov
 
+        def unreadable(e: Exception) -> ExportError:
+            return ExportError(f"{self.path} is not a valid OpenVINO/ONNX model: {str(e).splitlines()[0]}")
+
         core = ov.Core()
         try:
+            model = core.read_model(str(self.path))
+        except Exception as e:
+            if CUSTOM_OP_TYPE not in str(e):
+                raise unreadable(e) from None
+            core.add_extension(str(openvino_extension()))  # the custom op form's nodes
             try:
                 model = core.read_model(str(self.path))
-            except Exception as e:
-                if _CUSTOM_NODE not in str(e):
-                    raise
-                # the custom op form: its nodes need the deform_attn extension
-                core.add_extension(str(openvino_extension()))
-                model = core.read_model(str(self.path))
-        except ExportError:
-            raise
-        except Exception as e:
-            raise ExportError(
-                f"{self.path} is not a valid OpenVINO/ONNX model: {str(e).splitlines()[0]}"
-            ) from None
+            except Exception as e2:
+                raise unreadable(e2) from None
         if model.has_rt_info(METADATA_KEY):
             metadata = ExportMetadata.from_json(model.get_rt_info(METADATA_KEY).astype(str), str(self.path))
         elif self.path.suffix == ".onnx":  # an .onnx file read by OpenVINO: its ONNX metadata
